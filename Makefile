@@ -1,0 +1,40 @@
+# Every user-facing target bootstraps .venv on first use: torch first (TORCH_SPEC, override it for a
+# CUDA build), then the project with that torch pinned as a constraint so no other build is pulled.
+SHELL := /bin/bash
+PY_BOOT ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+STAMP := $(VENV)/.installed
+CONFIG ?= conf/default.yaml
+ARGS ?=
+RESUME ?=
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: venv info ui test clean
+.DEFAULT_GOAL := test
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel >/dev/null
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip freeze | grep -iE '^torch(==| @)' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -c $(VENV)/torch-constraint.txt -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install the project
+
+info: $(STAMP)  ## total vs active parameters and FLOPs per token of CONFIG
+	$(PY) -m pipelines info $(CONFIG) $(ARGS)
+
+ui: $(STAMP)  ## MLflow UI on the default store, bound to 127.0.0.1
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(PORT)
+
+test: $(STAMP)  ## the whole test suite, CPU only
+	$(PY) -m pytest tests $(ARGS)
+
+clean:  ## remove caches (keeps runs/, data and mlflow.db)
+	rm -rf .pytest_cache
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

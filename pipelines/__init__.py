@@ -1,0 +1,1 @@
+"""The jobs a user runs: `python -m pipelines <job>` (tokenize, train, eval, compare, info, bench)."""

@@ -1,0 +1,38 @@
+"""Entry point for every job: `python -m pipelines <job> [args]`.
+
+    python -m pipelines info conf/mixtral_8x7b.yaml
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from app.errors import UserError
+
+# job name -> module with `main(argv) -> int`; imported lazily so `info` does not load Lightning.
+JOBS = {
+    "info": "pipelines.info",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m pipelines <job> [args]   jobs: {', '.join(JOBS)}")
+        return 0 if argv else 2
+    job, rest = argv[0], argv[1:]
+    try:
+        if job not in JOBS:
+            raise UserError(f"unknown job '{job}': choose one of {', '.join(JOBS)}")
+        return importlib.import_module(JOBS[job]).main(rest)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""One way to configure: dataclass defaults -> YAML recipe -> `key=value` overrides.
+
+OmegaConf merges the three in struct mode, so a misspelt key fails loudly (with the closest valid
+key), and building the dataclasses runs their `__post_init__` checks. Every problem becomes one
+`UserError` line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from app.errors import UserError
+from moe import MoEConfig, TransformerConfig
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole resolved configuration of a job; a checkpoint carries it."""
+
+    model: TransformerConfig = field(default_factory=TransformerConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = ExperimentConfig) -> Any:
+    """Defaults of `schema`, then the YAML at `path` (if any), then `key=value` overrides."""
+    base = OmegaConf.structured(schema)
+    layers = [_load_yaml(path)] if path else []
+    layers.append(_parse_overrides(overrides))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        raise UserError(_unknown_key_message(err, base)) from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"bad config value for '{err.full_key}': {_first_line(err)}") from None
+    except (ValueError, TypeError) as err:
+        raise UserError(f"invalid config: {err}") from None
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML (what a run logs and a checkpoint carries)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_flat_dict(config: Any) -> dict[str, Any]:
+    """{"moe.num_experts": 8, ...}: the resolved config as MLflow params."""
+    container = OmegaConf.to_container(OmegaConf.structured(config), enum_to_str=True)
+    return _flatten(container)
+
+
+def _load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (see conf/ for the recipes)")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends: report, do not trace back
+        raise UserError(f"cannot parse {path} as YAML: {_first_line(err)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"{path} must hold a mapping of config sections (model:, moe:, ...), not a list")
+    return loaded
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise UserError(f"override {bad[0]!r} is not of the form key=value (e.g. moe.num_experts=16)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise UserError(f"cannot parse overrides {list(overrides)}: {_first_line(err)}") from None
+
+
+def _unknown_key_message(err: ConfigKeyError, base: DictConfig) -> str:
+    key = str(err.full_key or getattr(err, "key", ""))
+    valid = list(_flatten(OmegaConf.to_container(base, enum_to_str=True)))
+    valid += sorted({k.rsplit(".", 1)[0] for k in valid if "." in k})
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (run `make info` to see the valid keys)"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
