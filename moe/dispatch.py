@@ -42,8 +42,11 @@ class DispatchPlan:
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
-    """Slots per expert: ceil(factor * T * K / E), at least 1 (Switch Transformer, eq. 3)."""
-    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+    """Slots per expert: ceil(factor * T * K / E), at least 1 (Switch Transformer, eq. 3).
+
+    Rounded to 9 decimals first so that 1.1 * 100 / 10 gives 11 slots, not 12 (binary floats).
+    """
+    return max(1, math.ceil(round(factor * num_tokens * top_k / num_experts, 9)))
 
 
 def plan_token_choice(
@@ -54,11 +57,14 @@ def plan_token_choice(
     capacity: int | None,
     policy: DropPolicy,
     valid_TK: Tensor | None = None,
+    priority_TK: Tensor | None = None,
 ) -> DispatchPlan:
     """Sort the T*K assignments by expert and keep at most `capacity` per expert.
 
-    `capacity=None` is dropless. Assignments with `valid_TK` False (GShard's random routing skipped
-    them) go to a sentinel bucket E that sorts last and is never kept nor counted as dropped.
+    `capacity=None` is dropless. Policy `probs` keeps the highest `priority_TK` (the raw router
+    scores; default: the weights, which renormalised top-1 makes all equal to 1). Assignments with
+    `valid_TK` False (GShard's random routing skipped them) go to a sentinel bucket E that sorts
+    last and is never kept nor counted as dropped.
     """
     num_tokens, top_k = ids_TK.shape
     expert_A = ids_TK.reshape(-1)
@@ -67,7 +73,8 @@ def plan_token_choice(
     weight_A = weights_TK.reshape(-1)
     token_A = torch.arange(num_tokens, device=ids_TK.device).repeat_interleave(top_k)
     routed_E1 = torch.bincount(expert_A, minlength=num_experts + 1)
-    order_A = _sort_by_expert(expert_A, weight_A, policy)
+    priority_A = weight_A if priority_TK is None else priority_TK.reshape(-1)
+    order_A = _sort_by_expert(expert_A, priority_A, policy)
     keep_A = _keep_mask(expert_A[order_A], routed_E1, capacity, has_skips=valid_TK is not None)
     kept_S = order_A if keep_A is None else order_A[keep_A]
     routed_E = routed_E1[:num_experts]
@@ -82,13 +89,13 @@ def plan_token_choice(
     )
 
 
-def _sort_by_expert(expert_A: Tensor, weight_A: Tensor, policy: DropPolicy) -> Tensor:
+def _sort_by_expert(expert_A: Tensor, priority_A: Tensor, policy: DropPolicy) -> Tensor:
     """Permutation grouping assignments by expert; inside an expert, the ones to keep first."""
     if policy == DropPolicy.position:
         # Assignments are token-major, so a stable sort keeps batch order inside each expert.
         return torch.argsort(expert_A, stable=True)
-    by_weight_A = torch.argsort(weight_A, descending=True, stable=True)
-    return by_weight_A[torch.argsort(expert_A[by_weight_A], stable=True)]
+    by_priority_A = torch.argsort(priority_A, descending=True, stable=True)
+    return by_priority_A[torch.argsort(expert_A[by_priority_A], stable=True)]
 
 
 def _keep_mask(

@@ -33,6 +33,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
         self.w_out = nn.Linear(hidden, dim, bias=False)
+        self.reset_parameters(std=0.02, out_std=0.02)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in.weight, std=std)
@@ -52,8 +53,12 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.impl = ExpertImpl(impl)
+        if self.impl == ExpertImpl.grouped_mm and (dim % 8 or hidden % 8):
+            # grouped_mm needs 16-byte aligned rows (8 bf16 values).
+            raise ValueError(f"expert_impl=grouped_mm needs dim and expert_hidden divisible by 8, got {dim}, {hidden}")
         self.w_in = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.reset_parameters(std=0.02, out_std=0.02)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_in, std=std)

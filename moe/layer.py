@@ -92,6 +92,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(config.num_experts, dim, config.expert_hidden, config.expert_impl)
         shared_hidden = config.num_shared_experts * config.expert_hidden
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
+        self.reset_parameters(std=0.02, out_std=0.02)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         self.router.reset_parameters(std)

@@ -58,10 +58,20 @@ class RouterConfig:
             raise ValueError(f"router.bias_update_rate must be >= 0, got {self.bias_update_rate}")
         if self.kind == RoutingKind.expert_choice and self.bias_update_rate > 0:
             raise ValueError("expert_choice routing is balanced by construction: set bias_update_rate=0")
+        if self.kind == RoutingKind.expert_choice and self.random_second:
+            raise ValueError("router.random_second applies to token choice only: turn it off for expert_choice")
 
     @property
     def aux_free(self) -> bool:
         return self.bias_update_rate > 0
+
+
+@dataclass
+class TopK:
+    ids_TK: Tensor  # chosen experts
+    weights_TK: Tensor  # combine weights (renormalised when configured)
+    scores_TK: Tensor  # raw scores of the chosen experts: the `probs` drop policy ranks by these
+    valid_TK: Tensor | None  # False where GShard's random routing skipped the 2nd expert
 
 
 @dataclass
@@ -120,19 +130,19 @@ class Router(nn.Module):
         scores_TE = torch.sigmoid(logits_TE)
         return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
 
-    def top_k(self, scores_TE: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def top_k(self, scores_TE: Tensor) -> TopK:
         """Top-K ids (selected on biased scores), their unbiased weights, and GShard's keep mask."""
-        k = self.config.top_k
-        _, ids_TK = torch.topk(scores_TE + self.expert_bias, k, dim=-1)
-        weights_TK = scores_TE.gather(-1, ids_TK)
+        _, ids_TK = torch.topk(scores_TE + self.expert_bias, self.config.top_k, dim=-1)
+        scores_TK = scores_TE.gather(-1, ids_TK)
+        weights_TK = scores_TK
         if self.config.renormalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            weights_TK = scores_TK / scores_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         valid_TK = None
         if self.config.random_second and self.training:
-            share_T = weights_TK[:, 1] / weights_TK.sum(dim=-1).clamp_min(1e-20)
+            share_T = scores_TK[:, 1] / scores_TK.sum(dim=-1).clamp_min(1e-20)
             keep_second_T = torch.rand_like(share_T) < 2.0 * share_T
             valid_TK = torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=-1)
-        return ids_TK, weights_TK, valid_TK
+        return TopK(ids_TK, weights_TK, scores_TK, valid_TK)
 
     @torch.no_grad()
     def update_bias(self, load_E: Tensor) -> None:
@@ -148,9 +158,10 @@ class Router(nn.Module):
 def _token_choice(router: Router, x_TD: Tensor, *, seq_len: int, capacity: int | None, policy: DropPolicy) -> RouterOutput:
     logits_TE = router.logits(x_TD)
     scores_TE, probs_TE = router.scores(logits_TE)
-    ids_TK, weights_TK, valid_TK = router.top_k(scores_TE)
+    top = router.top_k(scores_TE)
     plan = plan_token_choice(
-        ids_TK, weights_TK, num_experts=router.num_experts, capacity=capacity, policy=policy, valid_TK=valid_TK
+        top.ids_TK, top.weights_TK, num_experts=router.num_experts, capacity=capacity, policy=policy,
+        valid_TK=top.valid_TK, priority_TK=top.scores_TK,
     )
     return RouterOutput(logits_TE, probs_TE, plan)
 
@@ -164,10 +175,11 @@ def _sequence(router: Router, x_TD: Tensor, *, seq_len: int, capacity: int | Non
     x_BD = x_TD.view(-1, seq_len, x_TD.shape[-1]).mean(dim=1)
     logits_BE = router.logits(x_BD)
     scores_BE, probs_BE = router.scores(logits_BE)
-    ids_BK, weights_BK, valid_BK = router.top_k(scores_BE)
+    top = router.top_k(scores_BE)
     plan = plan_token_choice(
-        _per_token(ids_BK, seq_len), _per_token(weights_BK, seq_len), num_experts=router.num_experts,
-        capacity=capacity, policy=policy, valid_TK=_per_token(valid_BK, seq_len),
+        _per_token(top.ids_TK, seq_len), _per_token(top.weights_TK, seq_len), num_experts=router.num_experts,
+        capacity=capacity, policy=policy, valid_TK=_per_token(top.valid_TK, seq_len),
+        priority_TK=_per_token(top.scores_TK, seq_len),
     )
     return RouterOutput(logits_BE, probs_BE, plan)
 

@@ -48,6 +48,8 @@ class TransformerConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len", "moe_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.moe_first_dense < 0:
+            raise ValueError(f"model.moe_first_dense must be >= 0, got {self.moe_first_dense}")
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -209,5 +211,8 @@ class Transformer(nn.Module):
 
     def update_expert_biases(self, loads: list[Tensor]) -> None:
         """Aux-loss-free balancing: one load vector (E,) per MoE layer, summed over all ranks."""
-        for layer, load_E in zip(self.moe_layers(), loads, strict=True):
+        layers = self.moe_layers()
+        if len(loads) != len(layers):  # check first: a partial update would skew some layers
+            raise ValueError(f"got {len(loads)} load vectors for {len(layers)} MoE layers")
+        for layer, load_E in zip(layers, loads):
             layer.update_bias(load_E)

@@ -1,0 +1,117 @@
+"""Experts: SwiGLU and GroupedExperts against explicit per-expert matmuls; grouped_mm vs loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe import GroupedExperts, SwiGLU
+from tests.moe.reference import expert_ref
+
+
+def grouped(num_experts=4, dim=16, hidden=8, impl="loop", seed=0, dtype=torch.float32) -> GroupedExperts:
+    torch.manual_seed(seed)
+    experts = GroupedExperts(num_experts, dim, hidden, impl)
+    experts.reset_parameters(std=0.5, out_std=0.5)
+    return experts.to(dtype)
+
+
+def per_expert_reference(experts: GroupedExperts, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    rows, start = [], 0
+    for e, n in enumerate(counts):
+        for s in range(start, start + n):
+            rows.append(expert_ref(x_SD[s], experts.w_in[e], experts.w_out[e]))
+        start += n
+    return torch.stack(rows)
+
+
+def test_swiglu_matches_formula():
+    torch.manual_seed(0)
+    ffn = SwiGLU(16, 8).double()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    expected = torch.stack([expert_ref(x_D, ffn.w_in.weight.t(), ffn.w_out.weight.t()) for x_D in x])
+    torch.testing.assert_close(ffn(x), expected)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 7], [1, 1, 1, 1]])
+def test_grouped_experts_match_per_expert_reference(impl, counts):
+    experts = grouped(impl=impl)
+    torch.manual_seed(1)
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    y = experts(x, torch.tensor(counts))
+    expected = per_expert_reference(experts, x, counts)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    # Backward: an expert with no rows gets an exactly-zero gradient (never None, never garbage).
+    y.square().sum().backward()
+    for e, n in enumerate(counts):
+        if n == 0:
+            assert torch.equal(experts.w_in.grad[e], torch.zeros_like(experts.w_in.grad[e]))
+        else:
+            assert experts.w_in.grad[e].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grouped_mm_matches_loop_per_dtype(dtype):
+    loop, gmm = grouped(impl="loop", dtype=dtype), grouped(impl="grouped_mm", dtype=dtype)
+    counts = torch.tensor([4, 0, 7, 5])
+    torch.manual_seed(2)
+    x = torch.randn(16, 16, dtype=dtype)
+    upstream = torch.randn(16, 16, dtype=dtype)
+    outs = []
+    for experts in (loop, gmm):
+        x_ = x.clone().requires_grad_(True)
+        y = experts(x_, counts)
+        (y * upstream).sum().backward()
+        outs.append((y.detach(), x_.grad, experts.w_in.grad, experts.w_out.grad))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    for a, b in zip(*outs):
+        assert b.dtype == dtype
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_grouped_mm_backward_through_sum():
+    """grouped_mm's backward rejects stride-0 gradients (from .sum()); the layer makes them contiguous."""
+    experts = grouped(impl="grouped_mm")
+    x = torch.randn(6, 16, requires_grad=True)
+    experts(x, torch.tensor([2, 2, 1, 1])).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_grouped_mm_limits_on_this_cpu():
+    """F.grouped_mm here: no float64, and rows must be 16-byte aligned. GroupedExperts refuses
+    misaligned widths when it is built, not at the first forward."""
+    x64 = torch.randn(4, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="Float32, BFloat16 or Float16"):
+        F.grouped_mm(x64, torch.randn(2, 16, 8, dtype=torch.float64), offs=torch.tensor([2, 4], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        F.grouped_mm(torch.randn(4, 6), torch.randn(2, 6, 6), offs=torch.tensor([2, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        grouped(impl="grouped_mm", dim=6, hidden=3)
+    # The loop implementation has neither limit.
+    loop = grouped(impl="loop", dim=6, hidden=3).double()
+    assert loop(torch.randn(4, 6, dtype=torch.float64), torch.tensor([1, 1, 1, 1])).shape == (4, 6)
+
+
+def test_bf16_autocast_computes_experts_in_bf16_with_fp32_grads():
+    experts = grouped(impl="loop")
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, torch.tensor([2, 2, 2, 2]))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert experts.w_in.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), per_expert_reference(experts, x, [2, 2, 2, 2]), rtol=5e-2, atol=5e-2)
+
+
+def test_grouped_experts_are_initialised_at_construction():
+    torch.manual_seed(0)
+    a = GroupedExperts(4, 16, 8)
+    torch.manual_seed(0)
+    b = GroupedExperts(4, 16, 8)
+    torch.manual_seed(1)
+    c = GroupedExperts(4, 16, 8)
+    for w in (a.w_in, a.w_out):
+        assert torch.isfinite(w).all() and 0 < w.std() < 1
+    assert torch.equal(a.w_in, b.w_in) and not torch.equal(a.w_in, c.w_in)
