@@ -13,6 +13,7 @@ from app.errors import UserError
 # job name -> module with `main(argv) -> int`; imported lazily so `info` does not load Lightning.
 JOBS = {
     "info": "pipelines.info",
+    "train": "pipelines.train",
 }
 
 

@@ -16,7 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from app.errors import UserError
+from app.module import OptimConfig
+from app.tracking import TrackingConfig
+from app.trainer import TrainerConfig
 from moe import MoEConfig, TransformerConfig
+from pipelines.tokenize import DataConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # empty: <recipe>-<kind>-<hash of the config>; runs/<name>/ holds its files
+    resume: bool = True  # continue from runs/<name>/checkpoints/last.ckpt when it exists
+    root: str = "runs"
+
+    def __post_init__(self) -> None:
+        if self.name and (self.name in (".", "..") or any(c in self.name for c in "/\\\0") or self.name.startswith(".")):
+            raise ValueError(f"run.name={self.name!r} must be a plain folder name (no '/', '\\', or leading '.')")
 
 
 @dataclass
@@ -25,13 +40,32 @@ class ExperimentConfig:
 
     model: TransformerConfig = field(default_factory=TransformerConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.trainer.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), schema: type = ExperimentConfig) -> Any:
     """Defaults of `schema`, then the YAML at `path` (if any), then `key=value` overrides."""
-    base = OmegaConf.structured(schema)
     layers = [_load_yaml(path)] if path else []
-    layers.append(_parse_overrides(overrides))
+    return _merge(schema, [*layers, _parse_overrides(overrides)])
+
+
+def config_from_yaml(text: str, overrides: list[str] = (), schema: type = ExperimentConfig) -> Any:
+    """A resolved config saved as YAML text (a checkpoint's), validated like any other."""
+    return _merge(schema, [OmegaConf.create(text), _parse_overrides(overrides)])
+
+
+def _merge(schema: type, layers: list[DictConfig]) -> Any:
+    base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, *layers)
         return OmegaConf.to_object(merged)

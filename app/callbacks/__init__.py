@@ -1,0 +1,7 @@
+"""Training callbacks, one per file."""
+
+from app.callbacks.checkpointing import Checkpointing
+from app.callbacks.moe_metrics import MoEMetrics
+from app.callbacks.step_metrics import StepMetrics
+
+__all__ = ["Checkpointing", "MoEMetrics", "StepMetrics"]

@@ -1,0 +1,68 @@
+"""The Lightning Trainer for a run: precision, devices, clipping, accumulation, callbacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+
+from app.checkpoint import AtomicCheckpointIO
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 800  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch and process
+    seq_len: int = 256
+    accumulate: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    precision: str = "auto"  # auto: bf16-mixed where bf16 products are measured faster, else 32-true
+    val_every: int = 100  # optimizer steps between validations (and at the end)
+    val_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    accelerator: str = "auto"  # cpu, cuda, auto
+    devices: int = 1
+    peak_tflops: float = 0.0  # the MFU denominator; 0: measured at start for the precision used
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "seq_len", "accumulate", "val_every", "val_batches", "log_every",
+                    "ckpt_every", "keep_checkpoints", "devices")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.grad_clip < 0 or self.peak_tflops < 0:
+            raise ValueError("trainer.grad_clip and trainer.peak_tflops must be >= 0")
+
+
+def build_trainer(config: TrainerConfig, *, precision: str, callbacks: list[L.Callback], logger: Logger | None) -> L.Trainer:
+    bar = [TQDMProgressBar(refresh_rate=max(1, config.log_every // 2))] if config.progress_bar else []
+    return L.Trainer(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        precision=precision,
+        max_steps=config.max_steps,
+        accumulate_grad_batches=config.accumulate,
+        gradient_clip_val=config.grad_clip or None,
+        val_check_interval=config.val_every * config.accumulate,  # counted in micro-batches
+        check_val_every_n_epoch=None,
+        limit_val_batches=config.val_batches,
+        num_sanity_val_steps=0,
+        logger=logger if logger is not None else False,
+        callbacks=[*callbacks, *bar],
+        enable_checkpointing=False,  # app.callbacks.Checkpointing writes them, atomically
+        enable_progress_bar=config.progress_bar,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        deterministic=False,
+        use_distributed_sampler=True,
+    )

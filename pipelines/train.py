@@ -1,0 +1,233 @@
+"""Train a model: tokenize (once), build, fit, track in MLflow; resume an interrupted run exactly.
+
+    python -m pipelines train conf/default.yaml                (or: make train)
+    python -m pipelines train conf/debug.yaml moe.num_experts=4 trainer.max_steps=50
+    python -m pipelines train --resume runs/<name>/checkpoints/last.ckpt   (or: make train RESUME=...)
+
+A run lives in runs/<run.name>/: checkpoints/, config.yaml and run.json (its MLflow run id).
+Running the same command again continues the run from its last checkpoint, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from app.callbacks import Checkpointing, MoEMetrics, StepMetrics
+from app.checkpoint import checkpoint_config, latest_checkpoint, read_checkpoint
+from app.data import Shards, TokenDataModule, token_byte_lengths
+from app.errors import UserError
+from app.module import MoELanguageModel
+from app.perf import choose_precision, matmul_flops, precision_dtype
+from app.plots import expert_load_plot
+from app.tracking import check_store, git_commit, make_logger, tracking_uri
+from app.trainer import build_trainer
+from moe import ModelKind, model_stats
+from app.tracking import TrackingConfig
+from pipelines.cli import config_parser, split_config_arg
+from pipelines.config import ExperimentConfig, RunConfig, config_from_yaml, load_config, to_flat_dict, to_yaml
+from pipelines.tokenize import TokenData, prepare_data
+
+
+@dataclass
+class RunPlan:
+    """Where a run lives and what it resumes from."""
+
+    dir: Path
+    resume_from: Path | None
+    mlflow_run_id: str | None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+
+def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = None) -> RunPlan:
+    """Fit `config`; returns the run's folder and what it resumed from."""
+    torch.manual_seed(config.trainer.seed)
+    if config.tracking.enabled:
+        check_store(tracking_uri(config.tracking))
+    data = prepare_data(config.data, progress=config.trainer.progress_bar)
+    config.model.vocab_size = data.meta["vocab_size"]  # the tokenizer decides the vocabulary
+    plan = plan_run(config, recipe=recipe, resume=resume)
+    precision = _precision(config, plan)
+    _say(f"run {config.run.name}: {plan.dir}" + (f", resuming from {plan.resume_from}" if plan.resume_from else ""))
+    module, datamodule = _build(config, data)
+    logger = _logger(config, plan, recipe) if config.tracking.enabled else None
+    stats = model_stats(config.model, config.moe)
+    moe_metrics = MoEMetrics(log_every=config.trainer.log_every)
+    callbacks = [
+        StepMetrics(log_every=config.trainer.log_every,
+                    tokens_per_micro_batch=config.trainer.batch_size * config.trainer.seq_len,
+                    flops_per_token=stats.flops_per_token_train, peak_flops=_peak(config, precision)),
+        moe_metrics,
+        Checkpointing(plan.checkpoints, every=config.trainer.ckpt_every, keep=config.trainer.keep_checkpoints),
+    ]
+    trainer = build_trainer(config.trainer, precision=precision, callbacks=callbacks, logger=logger)
+    _start_run_files(plan, config, logger, data, stats, fresh=plan.resume_from is None, trainer=trainer)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from, weights_only=True)
+    if trainer.global_step % config.trainer.val_every:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if trainer.is_global_zero and logger is not None:
+        _log_artifacts(logger, plan, config, data, moe_metrics)
+    return plan
+
+
+def plan_run(config: ExperimentConfig, *, recipe: str, resume: Path | None) -> RunPlan:
+    """Name the run, find what to resume, and refuse a checkpoint of another model shape."""
+    if not config.run.name:
+        config.run.name = default_run_name(config, recipe)
+    run_dir = Path(config.run.root) / config.run.name
+    resume_from = resume
+    found = latest_checkpoint(run_dir / "checkpoints")
+    if resume_from is None and found is not None:
+        if config.run.resume:
+            resume_from = found
+        else:
+            _archive(run_dir)
+    if resume_from is not None:
+        _check_same_model(config, resume_from)
+    return RunPlan(run_dir, resume_from, _previous_run_id(run_dir, resume_from))
+
+
+def default_run_name(config: ExperimentConfig, recipe: str) -> str:
+    """<recipe>-<kind>-<6 hex of the config>: the same command finds (and resumes) the same run."""
+    settings = dataclasses.replace(config, run=RunConfig(), tracking=TrackingConfig())
+    digest = hashlib.sha256(to_yaml(settings).encode()).hexdigest()[:6]
+    stem = Path(recipe).stem if recipe else "custom"
+    return f"{stem}-{config.model.kind.value}-{digest}"
+
+
+def _archive(run_dir: Path) -> None:
+    """run.resume=false on a run with checkpoints: keep the old run under a dated name."""
+    archived = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(archived)
+    _say(f"run.resume=false: the previous run is kept in {archived}; starting afresh")
+
+
+def _check_same_model(config: ExperimentConfig, checkpoint: Path) -> None:
+    saved = config_from_yaml(checkpoint_config(checkpoint))
+    for section in ("model", "moe"):
+        mine, theirs = to_flat_dict(getattr(config, section)), to_flat_dict(getattr(saved, section))
+        shape_keys = [k for k in mine if mine[k] != theirs.get(k) and k not in _NON_SHAPE]
+        if shape_keys:
+            key = shape_keys[0]
+            raise UserError(
+                f"checkpoint {checkpoint} has {section}.{key}={theirs.get(key)} but the config says {mine[key]}: "
+                "resume with the checkpoint's config, or start a new run (run.name=... or run.resume=false)"
+            )
+
+
+# Keys that change training behaviour but not the shape of the weights: allowed to differ on resume.
+_NON_SHAPE = {"capacity_factor", "eval_capacity_factor", "dropless", "drop_policy", "aux_loss_coef", "z_loss_coef",
+              "expert_impl", "router.jitter_eps", "router.bias_update_rate", "router.random_second", "init_std"}
+
+
+def _previous_run_id(run_dir: Path, resume_from: Path | None) -> str | None:
+    """The MLflow run a resumed run continues: the checkpoint's, else the run folder's run.json."""
+    if resume_from is None:
+        return None
+    run_id = read_checkpoint(resume_from).get("mlflow_run_id")
+    info = run_dir / "run.json"
+    if not run_id and info.is_file():
+        run_id = json.loads(info.read_text()).get("mlflow_run_id")
+    return run_id
+
+
+def _precision(config: ExperimentConfig, plan: RunPlan) -> str:
+    if config.trainer.precision != "auto":
+        return config.trainer.precision
+    device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
+    config.trainer.precision = choose_precision(device)  # recorded in the run's config
+    _say(f"trainer.precision=auto -> {config.trainer.precision} (measured on this machine)")
+    return config.trainer.precision
+
+
+def _peak(config: ExperimentConfig, precision: str) -> float:
+    if config.trainer.peak_tflops:
+        return config.trainer.peak_tflops * 1e12
+    device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
+    return matmul_flops(precision_dtype(precision), device)
+
+
+def _build(config: ExperimentConfig, data: TokenData) -> tuple[MoELanguageModel, TokenDataModule]:
+    split = data.meta["splits"]["val"]
+    shards = Shards(data.train_path, data.val_path, data.meta["dtype"], split["bytes"], split["tokens"])
+    datamodule = TokenDataModule(
+        shards, batch_size=config.trainer.batch_size, seq_len=config.trainer.seq_len,
+        val_batches=config.trainer.val_batches, seed=config.trainer.seed, accumulate=config.trainer.accumulate,
+    )
+    module = MoELanguageModel(
+        config.model, config.moe, config.optim, max_steps=config.trainer.max_steps,
+        token_bytes=token_byte_lengths(data.tokenizer_path), config_yaml=to_yaml(config),
+    )
+    return module, datamodule
+
+
+def _logger(config: ExperimentConfig, plan: RunPlan, recipe: str):
+    tags = {"kind": config.model.kind.value, "preset": Path(recipe).stem if recipe else "custom",
+            "git_commit": git_commit(), "run_name": config.run.name}
+    if config.model.kind == ModelKind.moe:
+        tags["routing"] = config.moe.router.kind.value
+    return make_logger(config.tracking, run_name=config.run.name, tags=tags, run_id=plan.mlflow_run_id)
+
+
+def _start_run_files(plan, config, logger, data, stats, *, fresh: bool, trainer) -> None:
+    """config.yaml and run.json in the run folder; params on a fresh MLflow run."""
+    if not trainer.is_global_zero:
+        return
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    (plan.dir / "config.yaml").write_text(to_yaml(config))
+    if logger is None:
+        return
+    info = {"mlflow_run_id": logger.run_id, "tracking_uri": tracking_uri(config.tracking),
+            "experiment": config.tracking.experiment}
+    (plan.dir / "run.json").write_text(json.dumps(info, indent=1))
+    if fresh:
+        params = to_flat_dict(config)
+        params.update({"data.cache_key": data.meta["cache_key"], "data.val_documents": len(data.meta["splits"]["val"]["names"]),
+                       "stats.total_params": stats.total_params, "stats.active_params": stats.active_params,
+                       "stats.flops_per_token_train": stats.flops_per_token_train})
+        logger.log_hyperparams(params)
+
+
+def _log_artifacts(logger, plan: RunPlan, config: ExperimentConfig, data: TokenData, moe_metrics: MoEMetrics) -> None:
+    run_id, client = logger.run_id, logger.experiment
+    client.log_artifact(run_id, str(plan.dir / "config.yaml"))
+    client.log_artifact(run_id, str(data.tokenizer_path))
+    client.log_dict(run_id, {"val_documents": data.meta["splits"]["val"]["names"], "cache_key": data.meta["cache_key"]},
+                    "data_split.json")
+    if moe_metrics.history:
+        plot = expert_load_plot(moe_metrics.history, config.model.moe_layer_ids, plan.dir / "expert_load.png")
+        client.log_artifact(run_id, str(plot))
+    final = latest_checkpoint(plan.checkpoints)
+    if final is not None:
+        size_mb = final.stat().st_size / 2**20
+        if size_mb <= config.tracking.checkpoint_artifact_max_mb:
+            client.log_artifact(run_id, str(final), "checkpoints")
+        client.set_tag(run_id, "final_checkpoint", str(final.resolve()))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = config_parser("python -m pipelines train", __doc__.splitlines()[0])
+    parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume (its config is used)")
+    args = parser.parse_args(argv)
+    path, overrides = split_config_arg(args)
+    if args.resume is not None:
+        # The checkpoint's own config, then any overrides (e.g. trainer.max_steps to train longer).
+        config = config_from_yaml(checkpoint_config(args.resume), overrides)
+    else:
+        config = load_config(path, overrides)
+    train(config, recipe=path or "", resume=args.resume)
+    return 0
