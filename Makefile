@@ -13,8 +13,8 @@ RESUME ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv info ui test clean
-.DEFAULT_GOAL := test
+.PHONY: venv train info ui test clean
+.DEFAULT_GOAL := train
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)  ## create .venv and install the project
 
+train: $(STAMP)  ## tokenize (once), train CONFIG, log to MLflow; resumes an interrupted run
+	$(PY) -m pipelines train $(CONFIG) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+
 info: $(STAMP)  ## total vs active parameters and FLOPs per token of CONFIG
 	$(PY) -m pipelines info $(CONFIG) $(ARGS)
 
@@ -33,7 +36,7 @@ ui: $(STAMP)  ## MLflow UI on the default store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(PORT)
 
 test: $(STAMP)  ## the whole test suite, CPU only
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest -q tests $(ARGS)
 
 clean:  ## remove caches (keeps runs/, data and mlflow.db)
 	rm -rf .pytest_cache

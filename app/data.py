@@ -145,3 +145,12 @@ def token_byte_lengths(tokenizer_path: Path) -> Tensor:
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     lengths = [0 if (tok := tokenizer.id_to_token(i)) in special else len(tok) for i in range(tokenizer.get_vocab_size())]
     return torch.tensor(lengths, dtype=torch.long)
+
+
+def unigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) -> float:
+    """Cross entropy (nats per token) of the held-out ids under the training split's add-one
+    smoothed unigram frequencies: what a model that ignores context reaches. A trained LM must
+    land well below it."""
+    counts = np.bincount(train_ids, minlength=vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[val_ids].mean())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -44,8 +46,29 @@ class TrainerConfig:
             raise ValueError("trainer.grad_clip and trainer.peak_tflops must be >= 0")
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar with loss, tokens/s and the last validation loss; no version number."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class _NoLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising tip and a torch-version deprecation it triggers; keep real warnings."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoLitLoggerTip())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def build_trainer(config: TrainerConfig, *, precision: str, callbacks: list[L.Callback], logger: Logger | None) -> L.Trainer:
-    bar = [TQDMProgressBar(refresh_rate=max(1, config.log_every // 2))] if config.progress_bar else []
+    quiet_lightning()
+    bar = [ProgressBar(refresh_rate=max(1, config.log_every // 2))] if config.progress_bar else []
     return L.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,

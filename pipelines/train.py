@@ -22,7 +22,7 @@ import torch
 
 from app.callbacks import Checkpointing, MoEMetrics, StepMetrics
 from app.checkpoint import checkpoint_config, latest_checkpoint, read_checkpoint
-from app.data import Shards, TokenDataModule, token_byte_lengths
+from app.data import Shards, TokenDataModule, token_byte_lengths, unigram_loss
 from app.errors import UserError
 from app.module import MoELanguageModel
 from app.perf import choose_precision, matmul_flops, precision_dtype
@@ -71,12 +71,17 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
         Checkpointing(plan.checkpoints, every=config.trainer.ckpt_every, keep=config.trainer.keep_checkpoints),
     ]
     trainer = build_trainer(config.trainer, precision=precision, callbacks=callbacks, logger=logger)
+    baseline = unigram_loss(data.memmap("train"), data.memmap("val"), data.meta["vocab_size"])
     _start_run_files(plan, config, logger, data, stats, fresh=plan.resume_from is None, trainer=trainer)
+    if logger is not None and plan.resume_from is None and trainer.is_global_zero:
+        logger.log_metrics({"val/unigram_loss": baseline}, step=0)
     trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from, weights_only=True)
     if trainer.global_step % config.trainer.val_every:
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    if trainer.is_global_zero and logger is not None:
-        _log_artifacts(logger, plan, config, data, moe_metrics)
+    if trainer.is_global_zero:
+        if logger is not None:
+            _log_artifacts(logger, plan, config, data, moe_metrics)
+        _summary(plan, module, trainer, logger, baseline)
     return plan
 
 
@@ -213,6 +218,17 @@ def _log_artifacts(logger, plan: RunPlan, config: ExperimentConfig, data: TokenD
         if size_mb <= config.tracking.checkpoint_artifact_max_mb:
             client.log_artifact(run_id, str(final), "checkpoints")
         client.set_tag(run_id, "final_checkpoint", str(final.resolve()))
+
+
+def _summary(plan: RunPlan, module: MoELanguageModel, trainer, logger, baseline: float) -> None:
+    val = module.validation_metrics()
+    lines = [f"done: {trainer.global_step} steps; checkpoints in {plan.checkpoints}"]
+    if val:
+        lines.append(f"val/loss {val['val/loss']:.3f} (unigram baseline {baseline:.3f}), "
+                     f"ppl {val['val/ppl']:.1f}, bits/byte {val['val/bits_per_byte']:.3f}")
+    if logger is not None:
+        lines.append(f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}': see it with `make ui`")
+    _say("\n".join(lines))
 
 
 def _say(message: str) -> None:
