@@ -43,6 +43,7 @@ class RunPlan:
     dir: Path
     resume_from: Path | None
     mlflow_run_id: str | None
+    saved: ExperimentConfig | None = None  # the config the resumed checkpoint carries
 
     @property
     def checkpoints(self) -> Path:
@@ -97,9 +98,14 @@ def plan_run(config: ExperimentConfig, *, recipe: str, resume: Path | None) -> R
             resume_from = found
         else:
             _archive(run_dir)
-    if resume_from is not None:
-        _check_same_model(config, resume_from)
-    return RunPlan(run_dir, resume_from, _previous_run_id(run_dir, resume_from))
+    if resume_from is None:
+        return RunPlan(run_dir, None, None)
+    checkpoint = read_checkpoint(resume_from)
+    if "experiment_config" not in checkpoint:
+        raise UserError(f"{resume_from} carries no moe-lm config: it is not a checkpoint of this project")
+    saved = config_from_yaml(checkpoint["experiment_config"])
+    _check_same_model(config, saved, resume_from)
+    return RunPlan(run_dir, resume_from, _previous_run_id(run_dir, checkpoint), saved)
 
 
 def default_run_name(config: ExperimentConfig, recipe: str) -> str:
@@ -117,8 +123,7 @@ def _archive(run_dir: Path) -> None:
     _say(f"run.resume=false: the previous run is kept in {archived}; starting afresh")
 
 
-def _check_same_model(config: ExperimentConfig, checkpoint: Path) -> None:
-    saved = config_from_yaml(checkpoint_config(checkpoint))
+def _check_same_model(config: ExperimentConfig, saved: ExperimentConfig, checkpoint: Path) -> None:
     for section in ("model", "moe"):
         mine, theirs = to_flat_dict(getattr(config, section)), to_flat_dict(getattr(saved, section))
         shape_keys = [k for k in mine if mine[k] != theirs.get(k) and k not in _NON_SHAPE]
@@ -135,11 +140,9 @@ _NON_SHAPE = {"capacity_factor", "eval_capacity_factor", "dropless", "drop_polic
               "expert_impl", "router.jitter_eps", "router.bias_update_rate", "router.random_second", "init_std"}
 
 
-def _previous_run_id(run_dir: Path, resume_from: Path | None) -> str | None:
+def _previous_run_id(run_dir: Path, checkpoint: dict) -> str | None:
     """The MLflow run a resumed run continues: the checkpoint's, else the run folder's run.json."""
-    if resume_from is None:
-        return None
-    run_id = read_checkpoint(resume_from).get("mlflow_run_id")
+    run_id = checkpoint.get("mlflow_run_id")
     info = run_dir / "run.json"
     if not run_id and info.is_file():
         run_id = json.loads(info.read_text()).get("mlflow_run_id")
@@ -147,6 +150,8 @@ def _previous_run_id(run_dir: Path, resume_from: Path | None) -> str | None:
 
 
 def _precision(config: ExperimentConfig, plan: RunPlan) -> str:
+    if config.trainer.precision == "auto" and plan.saved is not None:
+        config.trainer.precision = plan.saved.trainer.precision  # resume exactly as the run started
     if config.trainer.precision != "auto":
         return config.trainer.precision
     device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
