@@ -39,6 +39,8 @@ class DispatchPlan:
     routed_E: Tensor  # long: assignments the router chose per expert, before capacity
     dropped: Tensor  # long scalar
     assignments: Tensor  # long scalar
+    priority_S: Tensor | None = None  # the `probs` policy's ranking key (token choice)
+    position_S: Tensor | None = None  # index t*K + k of each assignment in batch order (token choice)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
@@ -74,9 +76,7 @@ def plan_token_choice(
     token_A = torch.arange(num_tokens, device=ids_TK.device).repeat_interleave(top_k)
     routed_E1 = torch.bincount(expert_A, minlength=num_experts + 1)
     priority_A = weight_A if priority_TK is None else priority_TK.reshape(-1)
-    order_A = _sort_by_expert(expert_A, priority_A, policy)
-    keep_A = _keep_mask(expert_A[order_A], routed_E1, capacity, has_skips=valid_TK is not None)
-    kept_S = order_A if keep_A is None else order_A[keep_A]
+    kept_S = sort_and_keep(expert_A, priority_A, routed_E1, capacity, policy, has_skips=valid_TK is not None)
     routed_E = routed_E1[:num_experts]
     counts_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
     return DispatchPlan(
@@ -86,7 +86,22 @@ def plan_token_choice(
         routed_E=routed_E,
         dropped=routed_E.sum() - counts_E.sum(),
         assignments=routed_E.sum(),
+        priority_S=priority_A[kept_S],
+        position_S=kept_S,
     )
+
+
+def sort_and_keep(
+    expert_A: Tensor, priority_A: Tensor, routed_E1: Tensor, capacity: int | None, policy: DropPolicy, *, has_skips: bool
+) -> Tensor:
+    """Indices of the kept assignments, grouped by expert (each expert's kept ones first-chosen first).
+
+    `expert_A` must be in batch order (assignment a of token t comes before those of token t+1);
+    `routed_E1` counts them per expert with one extra sentinel bucket for skipped assignments.
+    """
+    order_A = _sort_by_expert(expert_A, priority_A, policy)
+    keep_A = _keep_mask(expert_A[order_A], routed_E1, capacity, has_skips=has_skips)
+    return order_A if keep_A is None else order_A[keep_A]
 
 
 def _sort_by_expert(expert_A: Tensor, priority_A: Tensor, policy: DropPolicy) -> Tensor:

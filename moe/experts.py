@@ -64,8 +64,12 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in, std=std)
         nn.init.normal_(self.w_out, std=out_std)
 
-    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+    def forward(self, x_SD: Tensor, counts_E: Tensor, grad_scale: float = 1.0) -> Tensor:
+        """`grad_scale` multiplies the weights' gradient: under expert parallelism every ep rank's
+        tokens contribute to it, and 1/ep turns that sum into the mean the other parameters get."""
         w_in, w_out = _local(self.w_in), _local(self.w_out)
+        if grad_scale != 1.0:
+            w_in, w_out = _ScaleGrad.apply(w_in, grad_scale), _ScaleGrad.apply(w_out, grad_scale)
         dtype = _compute_dtype(x_SD, w_in)
         # Cast the stacked weights once (not once per expert) when autocast would cast them.
         w_in, w_out, x_SD = w_in.to(dtype), w_out.to(dtype), x_SD.to(dtype)
@@ -101,6 +105,19 @@ def _grouped_mm_swiglu(x_SD: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tens
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
     h_S2F = _ContiguousGrad.apply(F.grouped_mm(x_SD, w_in, offs=offsets_E))
     return _ContiguousGrad.apply(F.grouped_mm(swiglu(h_S2F), w_out, offs=offsets_E))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
 
 
 class _ContiguousGrad(torch.autograd.Function):

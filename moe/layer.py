@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moe.dispatch import DispatchPlan, DropPolicy, combine, expert_capacity
+from moe.dispatch import DropPolicy, combine, expert_capacity
 from moe.experts import ExpertImpl, GroupedExperts, SwiGLU
 from moe.losses import load_balancing_loss, router_entropy, router_z_loss
+from moe.parallel import ExpertOutput, LocalExperts
 from moe.router import Router, RouterConfig, RouterOutput, RoutingKind
 
 
@@ -92,6 +93,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(config.num_experts, dim, config.expert_hidden, config.expert_impl)
         shared_hidden = config.num_shared_experts * config.expert_hidden
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
+        # Where the experts run: here, or on their ranks (moe.parallel.parallelize_experts).
+        self.dispatcher = LocalExperts()
         self.reset_parameters(std=0.02, out_std=0.02)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -111,19 +114,16 @@ class MoELayer(nn.Module):
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, RoutingRecord]:
         batch, seq_len, dim = x_BTD.shape
         x_TD = x_BTD.reshape(-1, dim)
-        route = self.router(
-            x_TD, seq_len=seq_len, capacity=self.capacity(x_TD.shape[0]), policy=self.config.drop_policy
+        policy = self.config.drop_policy
+        capacity = self.capacity(self.dispatcher.group_tokens(x_TD.shape[0]))
+        route = self.router(x_TD, seq_len=seq_len, capacity=self.dispatcher.plan_capacity(capacity), policy=policy)
+        expert_out = self.dispatcher(
+            self.experts, x_TD, route.plan, capacity=capacity, policy=policy, top_k=self.config.router.top_k
         )
-        y_SD = self.run_experts(x_TD, route.plan)
-        out_TD = combine(y_SD, route.plan, x_TD.shape[0]).to(x_BTD.dtype)
+        out_TD = combine(expert_out.y_SD, route.plan, x_TD.shape[0]).to(x_BTD.dtype)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        return out_TD.view(batch, seq_len, dim), _record(route)
-
-    def run_experts(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
-        """Expert outputs for the plan's kept assignments, in plan order. Expert parallelism
-        replaces this step with all-to-all dispatch to the ranks that own the experts."""
-        return self.experts(x_TD.index_select(0, plan.token_S), plan.counts_E)
+        return out_TD.view(batch, seq_len, dim), self._record(route, expert_out)
 
     def update_bias(self, load_E: Tensor) -> None:
         """Aux-loss-free balancing step; a no-op unless router.bias_update_rate > 0."""
@@ -131,15 +131,19 @@ class MoELayer(nn.Module):
             self.router.update_bias(load_E)
 
 
-def _record(route: RouterOutput) -> RoutingRecord:
-    plan = route.plan
-    return RoutingRecord(
-        tokens_per_expert=plan.counts_E.detach(),
-        routed_per_expert=plan.routed_E.detach(),
-        dropped=plan.dropped.detach(),
-        assignments=plan.assignments.detach(),
-        router_prob_mean=route.probs_TE.detach().mean(dim=0),
-        router_entropy=router_entropy(probs_TE=route.probs_TE.detach()),
-        aux_loss=load_balancing_loss(probs_TE=route.probs_TE, tokens_per_expert_E=plan.routed_E),
-        z_loss=router_z_loss(logits_TE=route.logits_TE),
-    )
+    def _record(self, route: RouterOutput, expert_out: ExpertOutput) -> RoutingRecord:
+        """Under expert parallelism, `tokens_per_expert` and `dropped` cover this rank's experts and
+        `routed_per_expert`/`assignments` this rank's tokens: summed over ranks they are global. The
+        load-balancing loss uses the ep group's routed counts, as one process would."""
+        plan = route.plan
+        group_routed_E = self.dispatcher.global_counts(plan.routed_E)
+        return RoutingRecord(
+            tokens_per_expert=expert_out.kept_E.detach(),
+            routed_per_expert=plan.routed_E.detach(),
+            dropped=expert_out.dropped.detach(),
+            assignments=plan.assignments.detach(),
+            router_prob_mean=route.probs_TE.detach().mean(dim=0),
+            router_entropy=router_entropy(probs_TE=route.probs_TE.detach()),
+            aux_loss=load_balancing_loss(probs_TE=route.probs_TE, tokens_per_expert_E=group_routed_E),
+            z_loss=router_z_loss(logits_TE=route.logits_TE),
+        )
