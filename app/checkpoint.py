@@ -7,6 +7,7 @@ NOTE: every load uses `weights_only=True`: a checkpoint someone hands you cannot
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)  # make the rename itself durable
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -61,15 +63,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(Path(path))
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+DISTRIBUTED_META = "meta.pt"  # in a distributed checkpoint folder: everything but the tensors
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """The whole checkpoint dict, on CPU, loaded with weights_only=True; UserError if unreadable."""
+    """The whole checkpoint dict (for a distributed checkpoint folder: all but the sharded model
+    and optimizer), on CPU, loaded with weights_only=True; UserError if unreadable."""
+    if path.is_dir():
+        path = path / DISTRIBUTED_META
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or holds arbitrary objects
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first[:200]} (is it a complete moe-lm checkpoint?)") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):  # weights_only refused an object that could run code
+            raise UserError(f"{path} holds objects other than tensors and plain data: refused (not a moe-lm checkpoint)") from None
+        raise UserError(f"cannot read checkpoint {path}: not a checkpoint file") from None
+    except Exception:  # truncated, or not a torch file at all
+        raise UserError(f"cannot read checkpoint {path}: truncated or not a checkpoint file") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a moe-lm checkpoint")
+    return checkpoint
 
 
 def checkpoint_config(path: Path) -> str:

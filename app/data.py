@@ -96,7 +96,7 @@ class TokenDataModule(L.LightningDataModule):
     def _check_sizes(self) -> None:
         for path in (self.shards.train_path, self.shards.val_path):
             tokens = path.stat().st_size // np.dtype(self.shards.dtype).itemsize
-            if tokens < self.seq_len + 2:
+            if tokens < self.seq_len + 1:
                 raise UserError(
                     f"{path} holds {tokens} tokens, fewer than one window of trainer.seq_len={self.seq_len}: "
                     "add text or lower trainer.seq_len"

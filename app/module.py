@@ -12,7 +12,9 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
+from app.parallel import ParallelConfig, parallelize
 from moe import MoEConfig, RoutingRecord, Transformer, TransformerConfig
 
 
@@ -53,25 +55,56 @@ def moe_loss(records: list[RoutingRecord], moe: MoEConfig) -> tuple[Tensor, Tens
     return moe.aux_loss_coef * aux + moe.z_loss_coef * z, aux, z
 
 
+def clip_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """torch's clip_grad_norm_, for gradients that are DTensors on different meshes (experts on the
+    ep mesh, the rest on the data-parallel mesh): one norm per mesh, then combined. Returns it."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not norms:
+        return torch.zeros(())
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    if coef < 1.0:
+        for grads in groups.values():
+            for grad in grads:
+                grad.mul_(coef)
+    return total
+
+
 class MoELanguageModel(L.LightningModule):
     """Builds the model in `configure_model`, so a parallel strategy can shard it first."""
 
     def __init__(
         self, model: TransformerConfig, moe: MoEConfig, optim: OptimConfig, *,
         max_steps: int, token_bytes: Tensor | None = None, config_yaml: str = "",
+        parallel: ParallelConfig | None = None,
     ):
         super().__init__()
         self.model_config, self.moe_config, self.optim = model, moe, optim
+        self.parallel = parallel or ParallelConfig()
         self.max_steps = max_steps
         self.config_yaml = config_yaml  # the whole resolved config, carried by every checkpoint
         self.model: Transformer | None = None
         # UTF-8 bytes per token id (0 for specials): bits per byte on validation.
         self.register_buffer("token_bytes", token_bytes, persistent=False)
         self._val_sums: Tensor | None = None
+        self.last_val_metrics: dict[str, float] = {}  # of the latest validation, over all ranks
 
     def configure_model(self) -> None:
-        if self.model is None:
-            self.model = Transformer(self.model_config, self.moe_config)
+        if self.model is not None:
+            return
+        # NOTE: built with real weights (not on the meta device): Lightning's meta-device
+        # materialisation would call every submodule's default reset_parameters and undo our init.
+        with torch.device(self.device):
+            model = Transformer(self.model_config, self.moe_config)
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 + expert parallelism
+            parallelize(model, self.device_mesh, self.parallel)
+        self.model = model
 
     def forward(self, tokens_BT: Tensor) -> tuple[Tensor, list[RoutingRecord]]:
         return self.model(tokens_BT)
@@ -82,7 +115,11 @@ class MoELanguageModel(L.LightningModule):
         logits_BTV, records = self.model(inputs_BT)
         ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten())
         extra, aux, z = moe_loss(records, self.moe_config)
-        return {"loss": ce + extra.to(ce.device), "ce": ce.detach(), "aux": aux.detach(), "z": z.detach(), "records": records}
+        loss = ce + extra.to(ce.device)
+        # NOTE: Lightning divides outputs["loss"] by the accumulation steps before callbacks see it;
+        # "total" keeps the undivided value for logging.
+        return {"loss": loss, "total": loss.detach(), "ce": ce.detach(), "aux": aux.detach(), "z": z.detach(),
+                "records": records}
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         # Seed from the global micro-batch index: router noise is a function of the data position,
@@ -105,7 +142,8 @@ class MoELanguageModel(L.LightningModule):
         self._val_sums = None
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.validation_metrics()
+        metrics = self.validation_metrics()  # a collective: every rank computes it here
+        self.last_val_metrics = metrics
         if not metrics:
             return
         self.log("val", metrics["val/loss"], prog_bar=True, logger=False, sync_dist=False)
@@ -126,6 +164,11 @@ class MoELanguageModel(L.LightningModule):
         loss = float(sums[0] / sums[1])
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
                 "val/bits_per_byte": float(sums[2] / sums[3].clamp_min(1) / math.log(2))}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the global gradient norm over every parameter, whatever mesh it lives on."""
+        if gradient_clip_val:
+            clip_global_norm([p for p in self.parameters() if p.grad is not None], float(gradient_clip_val))
 
     def configure_optimizers(self):
         decay = [p for p in self.model.parameters() if p.dim() >= 2]

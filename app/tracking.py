@@ -8,6 +8,7 @@ Lightning's `MLFlowLogger` defaults to it, so the URI is always passed explicitl
 
 from __future__ import annotations
 
+import http.client
 import os
 import subprocess
 import urllib.error
@@ -48,16 +49,16 @@ def check_store(uri: str) -> None:
 
 def _check_server(uri: str) -> None:
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
-            if response.status == 200:
-                return
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
+            return
+    except urllib.error.HTTPError as err:  # it answered, but not with 200
+        raise UserError(f"MLflow tracking server {uri} answered /health with error HTTP {err.code}: check the server") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or type(err).__name__
         raise UserError(
             f"MLflow tracking server {uri} is unreachable ({reason}): start it, or set tracking.uri "
             "(empty = the local sqlite store)"
         ) from None
-    raise UserError(f"MLflow tracking server {uri} answered /health with an error: check the server")
 
 
 def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], run_id: str | None) -> MLFlowLogger:
@@ -65,7 +66,7 @@ def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], 
     uri = tracking_uri(config)
     artifacts = None
     if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return MLFlowLogger(
         experiment_name=config.experiment, run_name=run_name, tracking_uri=uri,
         tags=tags, artifact_location=artifacts, run_id=run_id,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import Strategy
 
 from app.checkpoint import AtomicCheckpointIO
 
@@ -64,14 +65,21 @@ def quiet_lightning() -> None:
     """Drop Lightning's advertising tip and a torch-version deprecation it triggers; keep real warnings."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoLitLoggerTip())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Our epoch-level values are reduced over ranks before they are logged.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
-def build_trainer(config: TrainerConfig, *, precision: str, callbacks: list[L.Callback], logger: Logger | None) -> L.Trainer:
+def build_trainer(
+    config: TrainerConfig, *, precision: str, callbacks: list[L.Callback], logger: Logger | None,
+    strategy: Strategy | str = "auto", num_nodes: int = 1,
+) -> L.Trainer:
     quiet_lightning()
     bar = [ProgressBar(refresh_rate=max(1, config.log_every // 2))] if config.progress_bar else []
     return L.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
         precision=precision,
         max_steps=config.max_steps,
         accumulate_grad_batches=config.accumulate,
@@ -85,7 +93,7 @@ def build_trainer(config: TrainerConfig, *, precision: str, callbacks: list[L.Ca
         enable_checkpointing=False,  # app.callbacks.Checkpointing writes them, atomically
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()] if strategy == "auto" else [],  # ModelParallel writes folders itself
         deterministic=False,
         use_distributed_sampler=True,
     )

@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from app.errors import UserError
 from app.module import OptimConfig
+from app.parallel import ParallelConfig
 from app.tracking import TrackingConfig
 from app.trainer import TrainerConfig
 from moe import MoEConfig, TransformerConfig
@@ -45,8 +46,16 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.moe.num_experts % self.parallel.ep:
+            raise ValueError(f"parallel.ep={self.parallel.ep} must divide moe.num_experts={self.moe.num_experts}")
+        if (self.trainer.devices * self.parallel.num_nodes) % self.parallel.ep:
+            raise ValueError(
+                f"parallel.ep={self.parallel.ep} must divide the number of processes "
+                f"(trainer.devices x parallel.num_nodes = {self.trainer.devices * self.parallel.num_nodes})"
+            )
         if self.trainer.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"trainer.seq_len={self.trainer.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"

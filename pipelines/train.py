@@ -25,6 +25,7 @@ from app.checkpoint import checkpoint_config, latest_checkpoint, read_checkpoint
 from app.data import Shards, TokenDataModule, token_byte_lengths, unigram_loss
 from app.errors import UserError
 from app.module import MoELanguageModel
+from app.parallel import build_strategy, needs_model_parallel
 from app.perf import choose_precision, matmul_flops, precision_dtype
 from app.plots import expert_load_plot
 from app.tracking import check_store, git_commit, make_logger, tracking_uri
@@ -71,7 +72,11 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
         moe_metrics,
         Checkpointing(plan.checkpoints, every=config.trainer.ckpt_every, keep=config.trainer.keep_checkpoints),
     ]
-    trainer = build_trainer(config.trainer, precision=precision, callbacks=callbacks, logger=logger)
+    strategy = "auto"
+    if needs_model_parallel(config.parallel, config.trainer.devices, plan.resume_from):
+        strategy = build_strategy(config.parallel, config.trainer.devices)
+    trainer = build_trainer(config.trainer, precision=precision, callbacks=callbacks, logger=logger,
+                            strategy=strategy, num_nodes=config.parallel.num_nodes)
     baseline = unigram_loss(data.memmap("train"), data.memmap("val"), data.meta["vocab_size"])
     _start_run_files(plan, config, logger, data, stats, fresh=plan.resume_from is None, trainer=trainer)
     if logger is not None and plan.resume_from is None and trainer.is_global_zero:
@@ -176,7 +181,7 @@ def _build(config: ExperimentConfig, data: TokenData) -> tuple[MoELanguageModel,
     )
     module = MoELanguageModel(
         config.model, config.moe, config.optim, max_steps=config.trainer.max_steps,
-        token_bytes=token_byte_lengths(data.tokenizer_path), config_yaml=to_yaml(config),
+        token_bytes=token_byte_lengths(data.tokenizer_path), config_yaml=to_yaml(config), parallel=config.parallel,
     )
     return module, datamodule
 
@@ -226,7 +231,7 @@ def _log_artifacts(logger, plan: RunPlan, config: ExperimentConfig, data: TokenD
 
 
 def _summary(plan: RunPlan, module: MoELanguageModel, trainer, logger, baseline: float) -> None:
-    val = module.validation_metrics()
+    val = module.last_val_metrics
     lines = [f"done: {trainer.global_step} steps; checkpoints in {plan.checkpoints}"]
     if val:
         lines.append(f"val/loss {val['val/loss']:.3f} (unigram baseline {baseline:.3f}), "

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from app.checkpoint import LAST, checkpoint_name, list_checkpoints
 
@@ -29,7 +30,17 @@ class Checkpointing(L.Callback):
 
     def save(self, trainer: L.Trainer, step: int) -> Path:
         path = self.dirpath / checkpoint_name(step)
-        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part (distributed checkpoints)
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            # A distributed checkpoint is a folder every rank writes into: write it under a
+            # temporary name, then rename it once all ranks are done.
+            tmp = self.dirpath / f".{path.name}.tmp"
+            trainer.save_checkpoint(tmp, weights_only=False)
+            trainer.strategy.barrier("checkpoint-written")
+            if trainer.is_global_zero:
+                _remove(path)
+                os.replace(tmp, path)
+        else:
+            trainer.save_checkpoint(path, weights_only=False)  # atomic: app.checkpoint.AtomicCheckpointIO
         if trainer.is_global_zero:
             _point_last(self.dirpath, path)
             for old in list_checkpoints(self.dirpath)[: -self.keep]:

@@ -26,7 +26,7 @@ class StepMetrics(L.Callback):
         self._clock = (time.perf_counter(), trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        row = torch.stack([outputs["loss"].detach().float(), outputs["ce"].float(), torch.ones((), device=outputs["ce"].device)])
+        row = torch.stack([outputs["total"].float(), outputs["ce"].float(), torch.ones((), device=outputs["ce"].device)])
         self._sums = row if self._sums is None else self._sums + row
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
