@@ -100,3 +100,29 @@ def checkpoint_config(path: Path) -> str:
     if "experiment_config" not in checkpoint:
         raise UserError(f"{path} carries no moe-lm config: it is not a checkpoint of this project")
     return checkpoint["experiment_config"]
+
+
+def file_to_distributed(path: Path, module, out: Path) -> Path:
+    """Rewrite a single-process checkpoint file as a distributed checkpoint folder (the layout
+    Lightning's ModelParallelStrategy writes), so a run saved on one process resumes on several.
+
+    `module` is a fresh MoELanguageModel of the same config: the weights and optimizer state go
+    through it to get their fully-qualified names. Idempotent: an existing complete folder is kept.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    if (out / DISTRIBUTED_META).is_file():
+        return out
+    checkpoint = read_checkpoint(path)
+    module.configure_model()
+    module.load_state_dict(checkpoint["state_dict"])
+    optimizer = module.configure_optimizers()["optimizer"]
+    optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+    state = {"state_dict": get_model_state_dict(module), "optimizer_0": get_optimizer_state_dict(module, optimizer)}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    dcp.save(state, checkpoint_id=tmp, no_dist=True)
+    rest = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+    torch.save(rest, tmp / DISTRIBUTED_META)
+    os.replace(tmp, out)
+    return out

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from app.callbacks import Checkpointing, MoEMetrics, StepMetrics
-from app.checkpoint import checkpoint_config, latest_checkpoint, read_checkpoint
+from app.checkpoint import checkpoint_config, file_to_distributed, latest_checkpoint, read_checkpoint
 from app.data import Shards, TokenDataModule, token_byte_lengths, unigram_loss
 from app.errors import UserError
 from app.module import MoELanguageModel
@@ -75,6 +75,8 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
     strategy = "auto"
     if needs_model_parallel(config.parallel, config.trainer.devices, plan.resume_from):
         strategy = build_strategy(config.parallel, config.trainer.devices)
+        if plan.resume_from is not None and plan.resume_from.is_file():
+            plan.resume_from = _as_distributed(plan, config, data)
     trainer = build_trainer(config.trainer, precision=precision, callbacks=callbacks, logger=logger,
                             strategy=strategy, num_nodes=config.parallel.num_nodes)
     baseline = unigram_loss(data.memmap("train"), data.memmap("val"), data.meta["vocab_size"])
@@ -154,6 +156,15 @@ def _previous_run_id(run_dir: Path, checkpoint: dict) -> str | None:
     return run_id
 
 
+def _as_distributed(plan: RunPlan, config: ExperimentConfig, data: TokenData) -> Path:
+    """A single-process checkpoint file, converted (once) to a folder several processes can load."""
+    out = plan.checkpoints / "converted" / plan.resume_from.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    module, _ = _build(dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, ep=1)), data)
+    _say(f"converting {plan.resume_from} to a distributed checkpoint: {out}")
+    return file_to_distributed(plan.resume_from, module, out)
+
+
 def _precision(config: ExperimentConfig, plan: RunPlan) -> str:
     if config.trainer.precision == "auto" and plan.saved is not None:
         config.trainer.precision = plan.saved.trainer.precision  # resume exactly as the run started
@@ -223,11 +234,19 @@ def _log_artifacts(logger, plan: RunPlan, config: ExperimentConfig, data: TokenD
         plot = expert_load_plot(moe_metrics.history, config.model.moe_layer_ids, plan.dir / "expert_load.png")
         client.log_artifact(run_id, str(plot))
     final = latest_checkpoint(plan.checkpoints)
-    if final is not None:
-        size_mb = final.stat().st_size / 2**20
-        if size_mb <= config.tracking.checkpoint_artifact_max_mb:
+    if final is None:
+        return
+    client.set_tag(run_id, "final_checkpoint", str(final.resolve()))
+    files = [final] if final.is_file() else [p for p in final.iterdir() if p.is_file()]
+    if sum(p.stat().st_size for p in files) / 2**20 > config.tracking.checkpoint_artifact_max_mb:
+        return  # large: the tag holds its path
+    try:
+        if final.is_file():
             client.log_artifact(run_id, str(final), "checkpoints")
-        client.set_tag(run_id, "final_checkpoint", str(final.resolve()))
+        else:
+            client.log_artifacts(run_id, str(final), f"checkpoints/{final.name}")
+    except OSError as err:  # e.g. a resumed run logged a different checkpoint under this name
+        _say(f"warning: the final checkpoint was not copied to MLflow ({err}); its path is the tag final_checkpoint")
 
 
 def _summary(plan: RunPlan, module: MoELanguageModel, trainer, logger, baseline: float) -> None:
