@@ -37,6 +37,7 @@ class StepMetrics(L.Callback):
         sums = trainer.strategy.reduce(sums, reduce_op="sum")
         metrics = {"train/loss": float(sums[0] / sums[2]), "train/ce": float(sums[1] / sums[2]),
                    "lr": trainer.optimizers[0].param_groups[0]["lr"], **self._throughput(trainer, step)}
+        metrics["mem/param_optim_mb_per_rank"] = param_optim_megabytes(pl_module, trainer.optimizers[0])
         pl_module.log("tok/s", metrics.get("perf/tokens_per_s", 0.0), prog_bar=True, logger=False)
         if trainer.logger:
             trainer.logger.log_metrics(metrics, step=step)
@@ -54,3 +55,18 @@ class StepMetrics(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Validation time is not training time: restart the throughput clock.
         self._clock = (time.perf_counter(), trainer.global_step)
+
+
+def param_optim_megabytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """Parameters plus optimizer state held by this rank (local shards only), in MiB; the largest
+    over all ranks. FSDP and expert parallelism exist to shrink exactly this."""
+    local = [_local(p) for p in module.parameters()]
+    local += [_local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    total = torch.tensor(float(sum(t.numel() * t.element_size() for t in local)))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return float(total) / 2**20
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
