@@ -20,7 +20,7 @@ from app.module import OptimConfig
 from app.parallel import ParallelConfig
 from app.tracking import TrackingConfig
 from app.trainer import TrainerConfig
-from moe import MoEConfig, TransformerConfig
+from moe import MoEConfig, RoutingKind, TransformerConfig
 from pipelines.tokenize import DataConfig
 
 
@@ -49,6 +49,8 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.parallel.ep > 1 and self.moe.router.kind == RoutingKind.expert_choice:
+            raise ValueError("expert_choice routing ranks tokens over the whole batch: it needs parallel.ep=1")
         if self.moe.num_experts % self.parallel.ep:
             raise ValueError(f"parallel.ep={self.parallel.ep} must divide moe.num_experts={self.moe.num_experts}")
         if (self.trainer.devices * self.parallel.num_nodes) % self.parallel.ep:
