@@ -13,7 +13,7 @@ RESUME ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv train info ui test clean
+.PHONY: venv train eval compare info ui test clean
 .DEFAULT_GOAL := train
 
 $(STAMP): pyproject.toml
@@ -28,6 +28,12 @@ venv: $(STAMP)  ## create .venv and install the project
 
 train: $(STAMP)  ## tokenize (once), train CONFIG, log to MLflow; resumes an interrupted run
 	$(PY) -m pipelines train $(CONFIG) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+
+eval: $(STAMP)  ## evaluate the latest MoE run of CONFIG against its dense baseline (trains what is missing)
+	$(PY) -m pipelines eval $(CONFIG) $(ARGS)
+
+compare: $(STAMP)  ## the experiment's MLflow runs side by side (table + plot)
+	$(PY) -m pipelines compare $(ARGS)
 
 info: $(STAMP)  ## total vs active parameters and FLOPs per token of CONFIG
 	$(PY) -m pipelines info $(CONFIG) $(ARGS)

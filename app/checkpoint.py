@@ -126,3 +126,22 @@ def file_to_distributed(path: Path, module, out: Path) -> Path:
     torch.save(rest, tmp / DISTRIBUTED_META)
     os.replace(tmp, out)
     return out
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's model weights (a file, or a distributed folder at any ep size) into a
+    single-process model built from the checkpoint's own config. Read-only."""
+    if path.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}
+        try:
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+        except Exception as err:  # missing keys, wrong shapes, damaged shards
+            raise UserError(f"cannot load the weights in {path}: {str(err).splitlines()[0][:200]}") from None
+        return
+    weights = {k.removeprefix("model."): v for k, v in read_checkpoint(path)["state_dict"].items()}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"the weights in {path} do not fit its own config: {str(err).splitlines()[0][:200]}") from None

@@ -14,6 +14,8 @@ from app.errors import UserError
 JOBS = {
     "info": "pipelines.info",
     "train": "pipelines.train",
+    "eval": "pipelines.eval",
+    "compare": "pipelines.compare",
 }
 
 

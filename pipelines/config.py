@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from app.errors import UserError
+from app.evaluation import EvalConfig
 from app.module import OptimConfig
 from app.parallel import ParallelConfig
 from app.tracking import TrackingConfig
@@ -47,6 +48,7 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.parallel.ep > 1 and self.moe.router.kind == RoutingKind.expert_choice:

@@ -25,7 +25,8 @@ from app.checkpoint import checkpoint_config, file_to_distributed, latest_checkp
 from app.data import Shards, TokenDataModule, token_byte_lengths, unigram_loss
 from app.errors import UserError
 from app.module import MoELanguageModel
-from app.parallel import build_strategy, needs_model_parallel
+from app.evaluation import EvalConfig
+from app.parallel import ParallelConfig, build_strategy, needs_model_parallel
 from app.perf import choose_precision, matmul_flops, precision_dtype
 from app.plots import expert_load_plot
 from app.tracking import check_store, git_commit, make_logger, tracking_uri
@@ -116,8 +117,14 @@ def plan_run(config: ExperimentConfig, *, recipe: str, resume: Path | None) -> R
 
 
 def default_run_name(config: ExperimentConfig, recipe: str) -> str:
-    """<recipe>-<kind>-<6 hex of the config>: the same command finds (and resumes) the same run."""
-    settings = dataclasses.replace(config, run=RunConfig(), tracking=TrackingConfig())
+    """<recipe>-<kind>-<6 hex of the config>: the same command finds (and resumes) the same run.
+
+    The hash covers what defines the experiment (model, moe, data, optim, trainer), not where or
+    how it runs (devices, parallelism, tracking, progress bar, evaluation settings).
+    """
+    trainer = dataclasses.replace(config.trainer, devices=1, accelerator="auto", progress_bar=True)
+    settings = dataclasses.replace(config, run=RunConfig(), tracking=TrackingConfig(), parallel=ParallelConfig(),
+                                   eval=EvalConfig(), trainer=trainer)
     digest = hashlib.sha256(to_yaml(settings).encode()).hexdigest()[:6]
     stem = Path(recipe).stem if recipe else "custom"
     return f"{stem}-{config.model.kind.value}-{digest}"
