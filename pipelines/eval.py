@@ -89,7 +89,13 @@ def _find_checkpoint(which: str, config: ExperimentConfig, recipe: str) -> Path 
     if which and Path(which).exists():
         return Path(which)
     name = which or config.run.name or default_run_name(config, recipe)
-    return latest_checkpoint(Path(config.run.root) / name / "checkpoints")
+    found = latest_checkpoint(Path(config.run.root) / name / "checkpoints")
+    if found is None and not (which or config.run.name):
+        # The same experiment trained from another recipe file (e.g. conf/dense.yaml): same hash.
+        suffix = name.split("-", 1)[1]  # <kind>-<hash>
+        for run_dir in sorted(Path(config.run.root).glob(f"*-{suffix}")):
+            found = found or latest_checkpoint(run_dir / "checkpoints")
+    return found
 
 
 def _unfinished(checkpoint: Path, config: ExperimentConfig) -> bool:

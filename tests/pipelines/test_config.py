@@ -79,3 +79,16 @@ def test_flat_dict_has_every_leaf_as_plain_values():
     assert flat["moe.router.score_func"] == "sigmoid"
     assert flat["moe.num_experts"] == 8 and flat["model.dim"] == 256
     assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_dense_recipe_is_the_default_recipes_flop_matched_baseline():
+    from moe import ModelKind, dense_baseline, model_stats
+
+    moe_cfg, dense_cfg = load_config(CONF / "default.yaml"), load_config(CONF / "dense.yaml")
+    assert dense_cfg.model.kind == ModelKind.dense
+    derived = dense_baseline(moe_cfg.model, moe_cfg.moe)
+    assert dense_cfg.model == derived  # exactly the derivation, nothing else changed in the model
+    for section in ("data", "optim", "trainer"):  # same data, tokenizer, steps, batch and schedule
+        assert getattr(dense_cfg, section) == getattr(moe_cfg, section)
+    moe_active = model_stats(moe_cfg.model, moe_cfg.moe).active_params
+    assert abs(model_stats(dense_cfg.model).active_params - moe_active) / moe_active < 0.01
