@@ -13,7 +13,7 @@ RESUME ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv train eval compare info ui test clean
+.PHONY: venv train eval compare info bench ui test clean
 .DEFAULT_GOAL := train
 
 $(STAMP): pyproject.toml
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)  ## create .venv and install the project
 
 train: $(STAMP)  ## tokenize (once), train CONFIG, log to MLflow; resumes an interrupted run
-	$(PY) -m pipelines train $(CONFIG) $(if $(RESUME),--resume $(RESUME)) $(ARGS)
+	$(PY) -m pipelines train $(if $(RESUME),--resume $(RESUME),$(CONFIG)) $(ARGS)
 
 eval: $(STAMP)  ## evaluate the latest MoE run of CONFIG against its dense baseline (trains what is missing)
 	$(PY) -m pipelines eval $(CONFIG) $(ARGS)
@@ -37,6 +37,9 @@ compare: $(STAMP)  ## the experiment's MLflow runs side by side (table + plot)
 
 info: $(STAMP)  ## total vs active parameters and FLOPs per token of CONFIG
 	$(PY) -m pipelines info $(CONFIG) $(ARGS)
+
+bench: $(STAMP)  ## MoE layer and training-step speed vs the FLOP-matched dense model (runs/bench/latest.json)
+	$(PY) -m pipelines bench $(ARGS)
 
 ui: $(STAMP)  ## MLflow UI on the default store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(PORT)

@@ -27,6 +27,7 @@ class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "moe-lm"
     checkpoint_artifact_max_mb: float = 200.0  # larger final checkpoints are logged by path only
+    continue_run: bool = True  # a resumed run logs into its MLflow run; false: a new MLflow run
 
 
 def tracking_uri(config: TrackingConfig) -> str:

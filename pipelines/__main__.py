@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 from app.errors import UserError
 
@@ -16,10 +17,16 @@ JOBS = {
     "train": "pipelines.train",
     "eval": "pipelines.eval",
     "compare": "pipelines.compare",
+    "bench": "pipelines.bench",
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a warning is one line, like an error
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: python -m pipelines <job> [args]   jobs: {', '.join(JOBS)}")

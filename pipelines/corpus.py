@@ -178,10 +178,15 @@ def _glob_files(pattern: str) -> list[SourceFile]:
 def read_corpus(files: list[SourceFile], text_field: str = "text") -> Corpus:
     """Read and decode `files` in order. UserError if none of them holds any text."""
     documents, replaced = [], 0
-    for file in files:
-        docs, bad_bytes = _read_file(file, text_field)
-        documents.extend(docs)
-        replaced += bad_bytes
+    with warnings.catch_warnings(record=True) as raised:  # held back: an empty corpus is one error
+        warnings.simplefilter("always")
+        for file in files:
+            docs, bad_bytes = _read_file(file, text_field)
+            documents.extend(docs)
+            replaced += bad_bytes
+    if documents:
+        for w in raised:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not documents:
         names = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
         raise UserError(

@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 from app.callbacks import Checkpointing, MoEMetrics, StepMetrics
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from app.checkpoint import checkpoint_config, file_to_distributed, latest_checkpoint, read_checkpoint
 from app.data import Shards, TokenDataModule, token_byte_lengths, unigram_loss
 from app.errors import UserError
@@ -57,9 +60,14 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
     torch.manual_seed(config.trainer.seed)
     if config.tracking.enabled:
         check_store(tracking_uri(config.tracking))
+    plan = plan_run(config, recipe=recipe, resume=resume)  # every refusal before anything is written
+    if config.tracking.enabled:
+        _check_tracked_run(config, plan)
     data = prepare_data(config.data, progress=config.trainer.progress_bar)
     config.model.vocab_size = data.meta["vocab_size"]  # the tokenizer decides the vocabulary
-    plan = plan_run(config, recipe=recipe, resume=resume)
+    if plan.saved is not None and plan.saved.model.vocab_size != config.model.vocab_size:
+        raise UserError(f"checkpoint {plan.resume_from} was trained with a {plan.saved.model.vocab_size}-token "
+                        f"vocabulary, this data gives {config.model.vocab_size}: resume with the run's data settings")
     precision = _precision(config, plan)
     _say(f"run {config.run.name}: {plan.dir}" + (f", resuming from {plan.resume_from}" if plan.resume_from else ""))
     module, datamodule = _build(config, data)
@@ -71,7 +79,8 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
                     tokens_per_micro_batch=config.trainer.batch_size * config.trainer.seq_len,
                     flops_per_token=stats.flops_per_token_train, peak_flops=_peak(config, precision)),
         moe_metrics,
-        Checkpointing(plan.checkpoints, every=config.trainer.ckpt_every, keep=config.trainer.keep_checkpoints),
+        Checkpointing(plan.checkpoints, every=config.trainer.ckpt_every, keep=config.trainer.keep_checkpoints,
+                      val_every=config.trainer.val_every),
     ]
     strategy = "auto"
     if needs_model_parallel(config.parallel, config.trainer.devices, plan.resume_from):
@@ -116,6 +125,27 @@ def plan_run(config: ExperimentConfig, *, recipe: str, resume: Path | None) -> R
     return RunPlan(run_dir, resume_from, _previous_run_id(run_dir, checkpoint), saved)
 
 
+def _check_tracked_run(config: ExperimentConfig, plan: RunPlan) -> None:
+    """A resumed run continues its MLflow run: it must be in this tracking store."""
+    if plan.mlflow_run_id is None:
+        return
+    if not config.tracking.continue_run:
+        plan.mlflow_run_id = None
+        return
+    uri = tracking_uri(config.tracking)
+    found = not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()  # do not create a db
+    if found:
+        try:
+            MlflowClient(uri).get_run(plan.mlflow_run_id)
+        except MlflowException:
+            found = False
+    if not found:
+        raise UserError(
+            f"the checkpoint's MLflow run {plan.mlflow_run_id} is not in {uri}: point tracking.uri at the store "
+            "it was logged to, or log the resumed training to a new MLflow run with tracking.continue_run=false"
+        )
+
+
 def default_run_name(config: ExperimentConfig, recipe: str) -> str:
     """<recipe>-<kind>-<6 hex of the config>: the same command finds (and resumes) the same run.
 
@@ -123,8 +153,9 @@ def default_run_name(config: ExperimentConfig, recipe: str) -> str:
     how it runs (devices, parallelism, tracking, progress bar, evaluation settings).
     """
     trainer = dataclasses.replace(config.trainer, devices=1, accelerator="auto", progress_bar=True)
+    model = dataclasses.replace(config.model, vocab_size=0)  # decided by the tokenizer (data.* is hashed)
     settings = dataclasses.replace(config, run=RunConfig(), tracking=TrackingConfig(), parallel=ParallelConfig(),
-                                   eval=EvalConfig(), trainer=trainer)
+                                   eval=EvalConfig(), trainer=trainer, model=model)
     digest = hashlib.sha256(to_yaml(settings).encode()).hexdigest()[:6]
     stem = Path(recipe).stem if recipe else "custom"
     return f"{stem}-{config.model.kind.value}-{digest}"
@@ -150,7 +181,7 @@ def _check_same_model(config: ExperimentConfig, saved: ExperimentConfig, checkpo
 
 
 # Keys that change training behaviour but not the shape of the weights: allowed to differ on resume.
-_NON_SHAPE = {"capacity_factor", "eval_capacity_factor", "dropless", "drop_policy", "aux_loss_coef", "z_loss_coef",
+_NON_SHAPE = {"vocab_size", "capacity_factor", "eval_capacity_factor", "dropless", "drop_policy", "aux_loss_coef", "z_loss_coef",
               "expert_impl", "router.jitter_eps", "router.bias_update_rate", "router.random_second", "init_std"}
 
 
@@ -274,7 +305,7 @@ def _say(message: str) -> None:
 def main(argv: list[str]) -> int:
     parser = config_parser("python -m pipelines train", __doc__.splitlines()[0])
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume (its config is used)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `train CONFIG --resume CKPT key=value` (the Makefile's order)
     path, overrides = split_config_arg(args)
     if args.resume is not None:
         # The checkpoint's own config, then any overrides (e.g. trainer.max_steps to train longer).

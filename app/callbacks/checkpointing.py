@@ -18,15 +18,35 @@ from app.checkpoint import LAST, checkpoint_name, list_checkpoints
 
 
 class Checkpointing(L.Callback):
-    def __init__(self, dirpath: Path, *, every: int, keep: int):
-        self.dirpath, self.every, self.keep = Path(dirpath), every, keep
+    """NOTE: on a step that also validates, the checkpoint is written after the validation, so a
+    kill in between resumes before the step and the validation is not lost."""
+
+    def __init__(self, dirpath: Path, *, every: int, keep: int, val_every: int = 0):
+        self.dirpath, self.every, self.keep, self.val_every = Path(dirpath), every, keep, val_every
+        self._after_validation: int | None = None  # a step whose checkpoint waits for its validation
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
         step = trainer.global_step
+        if self._after_validation is not None:  # its validation did not run: save it now
+            self.save(trainer, self._after_validation)
+            self._after_validation = None
         if step % self.every == 0 or step >= trainer.max_steps:
+            if self.val_every and step % self.val_every == 0:
+                self._after_validation = step
+            else:
+                self.save(trainer, step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation is not None and self._after_validation == trainer.global_step and not trainer.sanity_checking:
+            step, self._after_validation = self._after_validation, None
             self.save(trainer, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation is not None:
+            self.save(trainer, self._after_validation)
+            self._after_validation = None
 
     def save(self, trainer: L.Trainer, step: int) -> Path:
         path = self.dirpath / checkpoint_name(step)
