@@ -153,7 +153,7 @@ def default_run_name(config: ExperimentConfig, recipe: str) -> str:
     how it runs (devices, parallelism, tracking, progress bar, evaluation settings).
     """
     trainer = dataclasses.replace(config.trainer, devices=1, accelerator="auto", progress_bar=True)
-    model = dataclasses.replace(config.model, vocab_size=0)  # decided by the tokenizer (data.* is hashed)
+    model = dataclasses.replace(config.model, vocab_size=1)  # decided by the tokenizer (data.* is hashed)
     settings = dataclasses.replace(config, run=RunConfig(), tracking=TrackingConfig(), parallel=ParallelConfig(),
                                    eval=EvalConfig(), trainer=trainer, model=model)
     digest = hashlib.sha256(to_yaml(settings).encode()).hexdigest()[:6]

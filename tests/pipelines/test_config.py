@@ -92,3 +92,16 @@ def test_dense_recipe_is_the_default_recipes_flop_matched_baseline():
         assert getattr(dense_cfg, section) == getattr(moe_cfg, section)
     moe_active = model_stats(moe_cfg.model, moe_cfg.moe).active_params
     assert abs(model_stats(dense_cfg.model).active_params - moe_active) / moe_active < 0.01
+
+
+def test_default_run_name_ignores_where_it_runs_and_the_tokenizer_decided_vocabulary():
+    from pipelines.train import default_run_name
+
+    base = load_config(CONF / "debug.yaml")
+    name = default_run_name(base, "conf/debug.yaml")
+    assert name.startswith("debug-moe-") and len(name.split("-")[-1]) == 6
+    same = load_config(CONF / "debug.yaml", ["trainer.devices=2", "parallel.ep=2", "model.vocab_size=300",
+                                             "eval.max_windows=3", "run.resume=false", "trainer.progress_bar=false"])
+    assert default_run_name(same, "conf/debug.yaml") == name
+    other = load_config(CONF / "debug.yaml", ["moe.num_experts=8"])
+    assert default_run_name(other, "conf/debug.yaml") != name
