@@ -143,5 +143,6 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     weights = {k.removeprefix("model."): v for k, v in read_checkpoint(path)["state_dict"].items()}
     try:
         model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise UserError(f"the weights in {path} do not fit its own config: {str(err).splitlines()[0][:200]}") from None
+    except RuntimeError as err:  # torch's first line is a header; the next names the weight
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise UserError(f"the weights in {path} do not fit its own config: {detail[:200]}") from None

@@ -106,8 +106,9 @@ def _score(model, ids, token_bytes, seq_len, batch_size, max_windows, tracker) -
         nll_bytes += float((nll_T * (bytes_T > 0)).sum())
         byte_sum += float(bytes_T.sum())
         tokens += nll_T.numel()
-    loss = nll_sum / max(tokens, 1)
-    return SourceScore(loss=loss, ppl=float(perplexity.compute()) if tokens else math.nan,
+    if not tokens:  # shorter than one window: no score, not a perfect one
+        return SourceScore(loss=math.nan, ppl=math.nan, bits_per_byte=math.nan, tokens=0)
+    return SourceScore(loss=nll_sum / tokens, ppl=float(perplexity.compute()),
                        bits_per_byte=nll_bytes / max(byte_sum, 1.0) / math.log(2), tokens=tokens)
 
 

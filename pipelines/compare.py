@@ -93,6 +93,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     uri = tracking_uri(TrackingConfig(uri=args.tracking_uri))
     check_store(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise UserError(f"no MLflow store at {uri}: train a run first (make train) or pass --tracking-uri")
     client = MlflowClient(uri)
     try:
         runs = find_runs(client, args.experiment, name=args.name, filter_string=args.filter, include_eval=args.all)

@@ -12,6 +12,7 @@ MLflow evaluation run per model (tag kind=eval), linked to its training run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -58,9 +59,10 @@ def evaluate_pair(config: ExperimentConfig, *, recipe: str) -> dict[str, Evaluat
     data = prepare_data(config.data, progress=config.trainer.progress_bar)
     config.model.vocab_size = data.meta["vocab_size"]
     client = MlflowClient(uri)
+    # Derived before training the MoE: training records its measured precision in its config.
+    dense_config = copy.deepcopy(dataclasses.replace(config, model=dense_baseline(config.model, config.moe),
+                                                     run=dataclasses.replace(config.run, name="")))
     moe = _trained("moe", config, config.eval.moe, recipe, client)
-    dense_config = dataclasses.replace(config, model=dense_baseline(config.model, config.moe),
-                                       run=dataclasses.replace(config.run, name=""))
     dense = _trained("dense", dense_config, config.eval.dense, recipe, client)
     sources = _sources(config, data)
     results = {t.label: _score(t, sources, config) for t in (moe, dense)}
@@ -71,6 +73,8 @@ def evaluate_pair(config: ExperimentConfig, *, recipe: str) -> dict[str, Evaluat
 
 
 def _trained(label: str, config: ExperimentConfig, which: str, recipe: str, client: MlflowClient) -> Trained:
+    if which and not Path(which).exists():
+        config.run.name = which  # a run name: train it under that name when it is missing
     checkpoint = _find_checkpoint(which, config, recipe)
     if checkpoint is None or _unfinished(checkpoint, config):
         if which and Path(which).exists():
@@ -78,6 +82,8 @@ def _trained(label: str, config: ExperimentConfig, which: str, recipe: str, clie
         _say(f"the {label} model {config.run.name or default_run_name(config, recipe)} is not trained yet: training it now")
         train(config, recipe=recipe)
         checkpoint = _find_checkpoint(which, config, recipe)
+    if checkpoint is None:
+        raise UserError(f"no checkpoint for the {label} model after training it: see runs/{config.run.name}")
     raw = read_checkpoint(checkpoint)
     saved = config_from_yaml(raw["experiment_config"])
     run_id = raw.get("mlflow_run_id")
@@ -125,6 +131,10 @@ def _sources(config: ExperimentConfig, data: TokenData) -> dict[str, np.ndarray]
             docs = read_documents([source], config.data.text_field)
             ids = [i for doc in docs for i in [*tokenizer.encode(doc.text).ids, eos]]
             sources[Path(source).name or source] = np.asarray(ids, dtype=np.int64)
+    for name, ids in sources.items():
+        if len(ids) < config.trainer.seq_len + 1:
+            raise UserError(f"eval source {name} has {len(ids)} tokens, fewer than one window of "
+                            f"trainer.seq_len+1={config.trainer.seq_len + 1}: give it more text")
     return sources
 
 
@@ -209,7 +219,7 @@ def _log_eval_runs(client, config, moe: Trained, dense: Trained, results, table:
         for key, value in metrics.items():
             client.log_metric(run.info.run_id, key, value)
         with tempfile.TemporaryDirectory() as tmp:
-            for path in _artifacts(Path(tmp), trained, moe, dense, result, table, tokenizer):
+            for path in _artifacts(Path(tmp), trained, moe, dense, result, table, tokenizer, config.eval.top_tokens):
                 client.log_artifact(run.info.run_id, str(path))
         client.set_terminated(run.info.run_id)
         _say(f"MLflow evaluation run {run.info.run_id} ({tags['mlflow.runName']})")
@@ -233,7 +243,8 @@ def _eval_metrics(trained: Trained, result: Evaluation, gain: dict) -> dict[str,
     return metrics
 
 
-def _artifacts(folder: Path, trained: Trained, moe: Trained, dense: Trained, result: Evaluation, table: str, tokenizer) -> list[Path]:
+def _artifacts(folder: Path, trained: Trained, moe: Trained, dense: Trained, result: Evaluation, table: str, tokenizer,
+               top_k: int) -> list[Path]:
     paths = [folder / "comparison.md"]
     paths[0].write_text(table + "\n")
     curves = {t.label: t.history.get("val/loss", []) for t in (moe, dense)}
@@ -254,16 +265,17 @@ def _artifacts(folder: Path, trained: Trained, moe: Trained, dense: Trained, res
             paths.append(curves_plot({"dropped fraction": ([s for s, _ in dropped], [v for _, v in dropped])},
                                      xlabel="optimizer step", ylabel="share of assignments dropped",
                                      title="Dropped fraction over training", path=folder / "dropped_frac_over_training.png"))
-        paths.append(_specialisation(folder, routing, tokenizer, result))
+        paths.append(_specialisation(folder, routing, tokenizer, result, top_k))
         paths.append(folder / "expert_specialisation.md")
     return paths
 
 
-def _specialisation(folder: Path, routing, tokenizer, result: Evaluation) -> Path:
+def _specialisation(folder: Path, routing, tokenizer, result: Evaluation, k: int) -> Path:
     """Top tokens per expert and, with several sources, each source's share of every expert."""
-    table = top_tokens(routing, lambda i: tokenizer.decode([i]), k=8)
+    table = top_tokens(routing, lambda i: tokenizer.decode([i]), k=k)
     names = list(result.scores)
-    share_LES = routing.source_counts_LES / np.maximum(routing.source_counts_LES.sum(axis=1, keepdims=True), 1)
+    # Each source's share of what this expert computed: normalised over the sources.
+    share_LES = routing.source_counts_LES / np.maximum(routing.source_counts_LES.sum(axis=2, keepdims=True), 1)
     payload = {f"layer_{layer}": {f"expert_{e}": {"top_tokens": table[layer][e],
                                                   "source_share": dict(zip(names, share_LES[j, e].round(4).tolist()))}
                                   for e in range(len(table[layer]))}
