@@ -301,3 +301,16 @@ def test_bad_parallel_config_exits_2_with_one_error_line(train_job: TrainJob, tm
     assert message in lines[0], result.explain()
     assert "parallel.ep" in lines[0]  # it names the setting to change
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_four_processes_ep2_by_dp2_train_like_one_process(one: Finished, workdir: Path, train_job: TrainJob):
+    """The 2-D composition: experts sharded over ep=2 AND FSDP-sharded over the 2 data-parallel
+    ranks that hold the same experts. Capacity is per ep group here (2 of the 4 ranks' tokens), so
+    compare the steps before anything is dropped, and the memory a rank holds."""
+    four = _train(train_job, workdir, "ep2dp2", "trainer.devices=4", "parallel.ep=2", "trainer.batch_size=4",
+                  "trainer.max_steps=3", "moe.dropless=true")
+    dropless_one = _train(train_job, workdir, "one-dropless", *ONE, "trainer.max_steps=3", "moe.dropless=true")
+    for step in (1, 2, 3):
+        assert abs(four.metrics["train/loss"][step] - dropless_one.metrics["train/loss"][step]) < LOSS_TOL
+    ratio = four.metrics["mem/param_optim_mb_per_rank"][3] / one.metrics["mem/param_optim_mb_per_rank"][3]
+    assert 0.24 <= ratio <= 0.30, ratio  # a quarter per rank, plus whatever does not divide evenly
