@@ -22,13 +22,24 @@ class Logger:
 
 
 def fake_trainer(*, accumulate: int, world_size: int = 1, max_steps: int = 100) -> SimpleNamespace:
-    optimizer = SimpleNamespace(param_groups=[{"lr": 0.5}])
+    optimizer = SimpleNamespace(param_groups=[{"lr": 0.5}], state={})
     return SimpleNamespace(accumulate_grad_batches=accumulate, world_size=world_size, max_steps=max_steps,
                            global_step=0, logger=Logger(), optimizers=[optimizer],
                            strategy=SimpleNamespace(reduce=lambda t, reduce_op=None: t))
 
 
-MODULE = SimpleNamespace(log=lambda *args, **kwargs: None)
+class _Module(torch.nn.Module):
+    """A LightningModule stand-in: 10 float32 parameters and a `log` that discards."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(10))
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+
+MODULE = _Module()
 
 
 def lightning_outputs(loss: float, ce: float, accumulate: int) -> dict:
@@ -80,3 +91,12 @@ def test_throughput_and_mfu_under_a_fixed_clock(monkeypatch):
     assert first["perf/tokens_per_s"] == pytest.approx(192.0)
     assert second["perf/tokens_per_s"] == pytest.approx(384.0)
     assert second["perf/mfu"] == pytest.approx(384.0 * 1e3 / 1e9)
+
+
+def test_memory_counts_local_parameters_and_optimizer_state():
+    module = torch.nn.Linear(4, 3)  # 12 + 3 float32 parameters
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.randn(2, 4)).sum().backward()
+    optimizer.step()  # two moments per parameter, and a scalar step each
+    expected = (15 * 4 + 2 * 15 * 4 + 2 * 4) / 2**20
+    assert step_metrics.param_optim_megabytes(module, optimizer) == pytest.approx(expected)
