@@ -20,9 +20,13 @@ SCRIPT = Path(__file__).with_name("scripts") / "ep_equivalence.py"
 def results() -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    errors = []
+    for _ in range(2):  # one retry: a gloo launch can die on a busy machine (seen once, at teardown)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        errors.append(done.stderr[-2000:])
+    pytest.fail("the 2-process script failed twice:\n" + "\n---\n".join(errors))
 
 
 CASES = ["k1-dropless", "k2-dropless", "k1-capacity-probs", "k2-capacity-probs", "k2-capacity-position"]

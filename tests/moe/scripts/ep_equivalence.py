@@ -87,7 +87,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = [run(case, rank, world) for case in CASES]
     if rank == 0:
-        print(json.dumps(results))
+        print(json.dumps(results), flush=True)
+    dist.barrier()  # nobody tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
 
