@@ -73,14 +73,13 @@ def plan_token_choice(
     if valid_TK is not None:
         expert_A = torch.where(valid_TK.reshape(-1), expert_A, num_experts)
     weight_A = weights_TK.reshape(-1)
-    token_A = torch.arange(num_tokens, device=ids_TK.device).repeat_interleave(top_k)
     routed_E1 = torch.bincount(expert_A, minlength=num_experts + 1)
     priority_A = weight_A if priority_TK is None else priority_TK.reshape(-1)
     kept_S = sort_and_keep(expert_A, priority_A, routed_E1, capacity, policy, has_skips=valid_TK is not None)
     routed_E = routed_E1[:num_experts]
     counts_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
     return DispatchPlan(
-        token_S=token_A[kept_S],
+        token_S=torch.div(kept_S, top_k, rounding_mode="floor"),  # assignment t*K + k is token t's
         weight_S=weight_A[kept_S],
         counts_E=counts_E,
         routed_E=routed_E,
@@ -99,7 +98,8 @@ def sort_and_keep(
     `expert_A` must be in batch order (assignment a of token t comes before those of token t+1);
     `routed_E1` counts them per expert with one extra sentinel bucket for skipped assignments.
     """
-    order_A = _sort_by_expert(expert_A, priority_A, policy)
+    # Dropless keeps every assignment, so the order inside an expert is free: one stable sort.
+    order_A = _sort_by_expert(expert_A, priority_A, policy if capacity is not None else DropPolicy.position)
     keep_A = _keep_mask(expert_A[order_A], routed_E1, capacity, has_skips=has_skips)
     return order_A if keep_A is None else order_A[keep_A]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moe.dispatch import DropPolicy, combine, expert_capacity
+from moe.dispatch import DropPolicy, expert_capacity
 from moe.experts import ExpertImpl, GroupedExperts, SwiGLU
 from moe.losses import load_balancing_loss, router_entropy, router_z_loss
 from moe.parallel import ExpertOutput, LocalExperts
@@ -117,30 +117,29 @@ class MoELayer(nn.Module):
         policy = self.config.drop_policy
         capacity = self.capacity(self.dispatcher.group_tokens(x_TD.shape[0]))
         route = self.router(x_TD, seq_len=seq_len, capacity=self.dispatcher.plan_capacity(capacity), policy=policy)
-        expert_out = self.dispatcher(
+        routed = self.dispatcher(
             self.experts, x_TD, route.plan, capacity=capacity, policy=policy, top_k=self.config.router.top_k
         )
-        out_TD = combine(expert_out.y_SD, route.plan, x_TD.shape[0]).to(x_BTD.dtype)
+        out_TD = routed.out_TD.to(x_BTD.dtype)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        return out_TD.view(batch, seq_len, dim), self._record(route, expert_out)
+        return out_TD.view(batch, seq_len, dim), self._record(route, routed)
 
     def update_bias(self, load_E: Tensor) -> None:
         """Aux-loss-free balancing step; a no-op unless router.bias_update_rate > 0."""
         if self.config.router.aux_free:
             self.router.update_bias(load_E)
 
-
-    def _record(self, route: RouterOutput, expert_out: ExpertOutput) -> RoutingRecord:
+    def _record(self, route: RouterOutput, routed: ExpertOutput) -> RoutingRecord:
         """Under expert parallelism, `tokens_per_expert` and `dropped` cover this rank's experts and
         `routed_per_expert`/`assignments` this rank's tokens: summed over ranks they are global. The
         load-balancing loss uses the ep group's routed counts, as one process would."""
         plan = route.plan
         group_routed_E = self.dispatcher.global_counts(plan.routed_E)
         return RoutingRecord(
-            tokens_per_expert=expert_out.kept_E.detach(),
+            tokens_per_expert=routed.kept_E.detach(),
             routed_per_expert=plan.routed_E.detach(),
-            dropped=expert_out.dropped.detach(),
+            dropped=routed.dropped.detach(),
             assignments=plan.assignments.detach(),
             router_prob_mean=route.probs_TE.detach().mean(dim=0),
             router_entropy=router_entropy(probs_TE=route.probs_TE.detach()),

@@ -23,14 +23,14 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from moe.dispatch import DispatchPlan, DropPolicy, sort_and_keep
+from moe.dispatch import DispatchPlan, DropPolicy, combine, sort_and_keep
 from moe.experts import GroupedExperts
 from moe.router import RoutingKind
 
 
 @dataclass
 class ExpertOutput:
-    y_SD: Tensor  # expert outputs aligned with plan.token_S (zero where capacity dropped)
+    out_TD: Tensor  # per token, the routed experts' outputs summed with the plan's weights
     kept_E: Tensor  # long (E,): assignments computed per expert (this rank's experts only under EP)
     dropped: Tensor  # long scalar: assignments dropped here
 
@@ -48,8 +48,10 @@ class LocalExperts:
         return routed_E
 
     def __call__(self, experts: GroupedExperts, x_TD: Tensor, plan: DispatchPlan, **_) -> ExpertOutput:
-        y_SD = experts(x_TD.index_select(0, plan.token_S), plan.counts_E)
-        return ExpertOutput(y_SD, plan.counts_E, plan.dropped)
+        # NOTE: gather, experts and combine run expert by expert in one autograd function: the
+        # [T*K, D] rows an all-to-all must send are never built here.
+        out_TD = experts.combine_tokens(x_TD, plan.token_S, plan.weight_S, plan.counts_E)
+        return ExpertOutput(out_TD, plan.counts_E, plan.dropped)
 
 
 class AllToAllExperts:
@@ -91,7 +93,8 @@ class AllToAllExperts:
         y_SD = all_to_all_single_autograd(y_RD, send, recv, self.group)
         kept_E = torch.zeros(self.world * self.num_local, dtype=torch.long, device=x_TD.device)
         kept_E[self.rank * self.num_local : (self.rank + 1) * self.num_local] = counts_El
-        return ExpertOutput(y_SD, kept_E, torch.tensor(x_RD.shape[0], device=x_TD.device) - kept_K.numel())
+        dropped = torch.tensor(x_RD.shape[0], device=x_TD.device) - kept_K.numel()
+        return ExpertOutput(combine(y_SD, plan, x_TD.shape[0]), kept_E, dropped)
 
     def _keep(self, expert_R, priority_R, position_R, capacity, policy) -> tuple[Tensor, Tensor]:
         """Indices of the received assignments to compute, grouped by local expert, and their counts."""

@@ -3,6 +3,7 @@
     python -m pipelines bench                                   (or: make bench)
     python -m pipelines bench layer.tokens=512 layer.dim=128 layer.hidden=256 train.recipe=conf/debug.yaml
     python -m pipelines bench parallel.enabled=true             (adds the ep=2 vs ep=1 rows, torchrun)
+    python -m pipelines bench layer.profile=true train.steps=0  (plus torch.profiler's top operators)
 
 Layer rows, forward + backward of one layer on (1, T, D) activations, the median of
 `layer.repeats` runs with the candidates interleaved (so a busy moment hits them all alike):
@@ -48,6 +49,7 @@ from pipelines.config import load_config
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
 HF_BATCHED_MM_MAX_BYTES = 2**31  # batched_mm gathers one weight copy per assignment
+BUSY = 0.05  # other processes' CPU share above which a row's figures are flagged
 
 
 @dataclass
@@ -66,6 +68,7 @@ class LayerBench:
     warmup: int = 2
     naive: bool = True
     hf: bool = True
+    profile: bool = False  # also print torch.profiler's top operators of moe_layer (3 steps)
 
     def __post_init__(self) -> None:
         unknown = [d for d in self.dtypes if d not in DTYPES]
@@ -156,8 +159,44 @@ def forward_backward(module: torch.nn.Module, forward: Callable[[Tensor], Tensor
     return step
 
 
+def profile(step: Callable[[], None], steps: int = 3, top: int = 12) -> str:
+    """torch.profiler's operators by self CPU time over `steps` calls of `step`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
 def load_1min() -> float:
     return os.getloadavg()[0]
+
+
+class OthersCPU:
+    """Share of the machine's cores that other processes used while the block ran (from
+    /proc/stat, minus this process's own CPU time): 0.0 means the figures had the machine alone."""
+
+    def __enter__(self) -> OthersCPU:
+        self.share = None
+        self._start = (time.perf_counter(), time.process_time(), _busy_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall, own, busy = (b - a for a, b in zip(self._start, (time.perf_counter(), time.process_time(), _busy_seconds())))
+        if busy is not None and wall >= 1.0:  # /proc/stat counts in 10 ms ticks: too coarse below
+            self.share = max(0.0, (busy - own) / (wall * os.cpu_count()))
+
+
+def _busy_seconds() -> float | None:
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None  # not Linux: unknown
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +222,12 @@ def layer_rows(shape: Shape, dtype: str, cfg: LayerBench) -> list[dict]:
         hf_steps, notes = hf_mixtral_steps(shape, dtype, x, grad)
         steps.update(hf_steps)
     load = load_1min()
-    ms = time_interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup)
-    rows = [_layer_row(name, dtype, shape, value, ms["dense_ffn"], load) for name, value in ms.items()]
+    with OthersCPU() as others:
+        ms = time_interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup)
+    rows = [dict(_layer_row(name, dtype, shape, value, ms["dense_ffn"], load), others_cpu=others.share)
+            for name, value in ms.items()]
+    if cfg.profile:
+        print(f"torch.profiler, moe_layer {shape.label()} {dtype}, 3 steps:\n{profile(steps['moe_layer'])}", flush=True)
     rows += _best_hf(rows)
     rows += [dict(_layer_row(name, dtype, shape, None, ms["dense_ffn"], load), skipped=why) for name, why in notes.items()]
     return rows
@@ -272,7 +315,8 @@ def train_rows(cfg: TrainBench, experiment) -> list[dict]:
     ms = {}
     for name, model in models.items():
         load = load_1min()
-        ms[name] = time_training(experiment, model, precision, steps=cfg.steps, warmup=cfg.warmup)
+        with OthersCPU() as others:
+            ms[name] = time_training(experiment, model, precision, steps=cfg.steps, warmup=cfg.warmup)
         stats = model_stats(model, experiment.moe)
         tokens = experiment.trainer.batch_size * experiment.trainer.seq_len
         tokens_per_s = tokens / (ms[name] * 1e-3)
@@ -280,7 +324,7 @@ def train_rows(cfg: TrainBench, experiment) -> list[dict]:
             "name": name, "dtype": dtype, "shape": _train_shape(experiment, model, cfg.recipe), "ms_median": ms[name],
             "ratio_to_dense": None, "gflops": tokens_per_s * stats.flops_per_token_train / 1e9,
             "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * stats.flops_per_token_train / peaks[dtype],
-            "precision": precision, "load_1min": load,
+            "precision": precision, "load_1min": load, "others_cpu": others.share,
         })
     for row in rows[len(peaks):]:
         row["ratio_to_dense"] = row["ms_median"] / ms["train_step_dense"]
@@ -318,7 +362,7 @@ def time_training(experiment, model, precision: str, *, steps: int, warmup: int)
             self.ends.append(time.perf_counter())
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|GPU available).*")
+    warnings.filterwarnings("ignore", message=r".*(does not have many workers|LeafSpec|no `val_dataloader`).*")
     trainer_cfg = dataclasses.replace(experiment.trainer, max_steps=warmup + steps + 1, precision=precision,
                                       progress_bar=False, accelerator="cpu", devices=1, accumulate=1)
     torch.manual_seed(trainer_cfg.seed)
@@ -428,6 +472,8 @@ def _note(row: dict) -> str:
         parts.append(f"all-to-all {row['alltoall_share']:.1%} of the step; ratio is to ep1")
     if row["name"] == "matmul_peak":
         parts.append("1024^3 matmul peak")
+    if (row.get("others_cpu") or 0) > BUSY:
+        parts.append(f"busy: others used {row['others_cpu']:.0%} of the CPU")
     return "; ".join(parts)
 
 
@@ -456,4 +502,6 @@ def main(argv: list[str]) -> int:
     print(table(rows))
     stamped = write(rows, Path(config.out))
     print(f"load average {load_1min():.2f}; rows written to {Path(config.out) / 'latest.json'} and {stamped}")
+    if any((r.get("others_cpu") or 0) > BUSY for r in rows):
+        print("warning: other processes were busy during some rows (see note): re-run on a quiet machine", file=sys.stderr)
     return 0

@@ -111,6 +111,7 @@ def main() -> None:
     result = measure(args)
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
+    dist.barrier()  # nobody tears the group down while a peer still talks to it (gloo aborts)
     dist.destroy_process_group()
 
 

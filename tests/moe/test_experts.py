@@ -115,3 +115,53 @@ def test_grouped_experts_are_initialised_at_construction():
     for w in (a.w_in, a.w_out):
         assert torch.isfinite(w).all() and 0 < w.std() < 1
     assert torch.equal(a.w_in, b.w_in) and not torch.equal(a.w_in, c.w_in)
+
+
+def combine_reference(experts: GroupedExperts, x_TD, token_S, weight_S, counts: list[int]):
+    """out_t = sum over slots s of token t of weight_S[s] * expert(s)(x_t), one slot at a time."""
+    out = [torch.zeros_like(x_TD[0]) for _ in range(x_TD.shape[0])]
+    expert_S = [e for e, n in enumerate(counts) for _ in range(n)]
+    for s, (e, t) in enumerate(zip(expert_S, token_S.tolist())):
+        out[t] = out[t] + weight_S[s] * expert_ref(x_TD[t], experts.w_in[e], experts.w_out[e])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("hidden", [8, 32])  # the combine weight scales the activation (F < D) or the output
+def test_combine_tokens_matches_per_slot_reference_forward_and_backward(impl, hidden):
+    dtype = torch.float64 if impl == "loop" else torch.float32  # grouped_mm has no float64
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    experts = grouped(impl=impl, hidden=hidden, dtype=dtype)
+    counts = [3, 0, 5, 2]  # expert 1 gets no rows: its weight gradient must be exactly zero
+    generator = torch.Generator().manual_seed(3)
+    token_S = torch.randint(0, 6, (sum(counts),), generator=generator)
+    inputs = {"x": torch.randn(6, 16, dtype=dtype, generator=generator),
+              "weight": torch.rand(sum(counts), dtype=dtype, generator=generator)}
+    upstream = torch.randn(6, 16, dtype=dtype, generator=generator)
+
+    def run(fn):
+        experts.zero_grad(set_to_none=True)
+        x, weight = (t.clone().requires_grad_(True) for t in inputs.values())
+        y = fn(x, weight)
+        (y * upstream).sum().backward()
+        return y.detach(), x.grad, weight.grad, experts.w_in.grad.clone(), experts.w_out.grad.clone()
+
+    got = run(lambda x, w: experts.combine_tokens(x, token_S, w, torch.tensor(counts)))
+    want = run(lambda x, w: combine_reference(experts, x, token_S, w, counts))
+    for name, a, b in zip(["out", "d(x)", "d(weight)", "d(w_in)", "d(w_out)"], got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+    assert torch.equal(got[3][1], torch.zeros_like(got[3][1])) and torch.equal(got[4][1], torch.zeros_like(got[4][1]))
+
+
+def test_combine_tokens_under_bf16_autocast_sums_in_float32():
+    experts = grouped()
+    counts = torch.tensor([2, 2, 2, 2])
+    token_S = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    x = torch.randn(4, 16, requires_grad=True)
+    weight = torch.rand(8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts.combine_tokens(x, token_S, weight, counts)
+    y.sum().backward()
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32 and experts.w_in.grad.dtype == torch.float32
+    torch.testing.assert_close(y, combine_reference(experts, x.detach(), token_S, weight.detach(), counts.tolist()),
+                               rtol=0.05, atol=0.05)
