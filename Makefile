@@ -10,10 +10,11 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/default.yaml
 ARGS ?=
 RESUME ?=
+RUN ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv train eval compare info bench ui test clean
+.PHONY: venv train eval compare info bench sync ui test clean
 .DEFAULT_GOAL := train
 
 $(STAMP): pyproject.toml
@@ -40,6 +41,9 @@ info: $(STAMP)  ## total vs active parameters and FLOPs per token of CONFIG
 
 bench: $(STAMP)  ## MoE layer and training-step speed vs the FLOP-matched dense model (runs/bench/latest.json)
 	$(PY) -m pipelines bench $(ARGS)
+
+sync: $(STAMP)  ## send the MLflow records a run kept while its server was down: make sync RUN=<name>
+	$(PY) -m pipelines sync $(RUN) $(ARGS)
 
 ui: $(STAMP)  ## MLflow UI on the default store, bound to 127.0.0.1
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(PORT)

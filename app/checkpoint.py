@@ -78,6 +78,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """The whole checkpoint dict (for a distributed checkpoint folder: all but the sharded model
     and optimizer), on CPU, loaded with weights_only=True; UserError if unreadable."""
     if path.is_dir():
+        if not (path / DISTRIBUTED_META).is_file():
+            raise UserError(f"{path} is a folder but not a distributed checkpoint (no {DISTRIBUTED_META}): give a "
+                            "checkpoint, e.g. runs/<name>/checkpoints/last.ckpt")
         path = path / DISTRIBUTED_META
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")

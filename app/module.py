@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from app.nonfinite import first_nonfinite_output, nonfinite_names
 from app.parallel import ParallelConfig, parallelize
+from app.trainer import TrainingStopped
 from moe import MoEConfig, RoutingRecord, Transformer, TransformerConfig
 
 
@@ -29,8 +31,12 @@ class OptimConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("optim: lr must be > 0, min_lr_ratio in [0, 1], warmup_steps and weight_decay >= 0")
+        checks = [("lr", self.lr > 0, "> 0"), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                  ("warmup_steps", self.warmup_steps >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)")]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"optim.{key} must be {rule}, got {getattr(self, key)}")
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -55,9 +61,10 @@ def moe_loss(records: list[RoutingRecord], moe: MoEConfig) -> tuple[Tensor, Tens
     return moe.aux_loss_coef * aux + moe.z_loss_coef * z, aux, z
 
 
-def clip_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tensor:
-    """torch's clip_grad_norm_, for gradients that are DTensors on different meshes (experts on the
-    ep mesh, the rest on the data-parallel mesh): one norm per mesh, then combined. Returns it."""
+def global_grad_norm(params: list[torch.nn.Parameter]) -> Tensor:
+    """The 2-norm of every gradient together, for gradients that are DTensors on different meshes
+    (experts on the ep mesh, the rest on the data-parallel mesh): one norm per mesh, then combined.
+    The same value on every rank."""
     groups: dict = {}
     for p in params:
         groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
@@ -67,12 +74,27 @@ def clip_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> Tenso
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     if not norms:
         return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def exact_grad_norm(params: list[torch.nn.Parameter]) -> Tensor:
+    """global_grad_norm in float64, one gradient at a time: for when float32 squares overflow
+    although every gradient is finite (huge but finite gradients). Slow; a fallback only."""
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+        squares += (norm.full_tensor() if isinstance(norm, DTensor) else norm).cpu() ** 2
+    return squares.sqrt()
+
+
+def clip_global_norm(params: list[torch.nn.Parameter], max_norm: float, *, norm: float | None = None) -> Tensor:
+    """torch's clip_grad_norm_ over every mesh (see global_grad_norm); `norm` if already known.
+    Returns the norm before clipping."""
+    total = global_grad_norm(params) if norm is None else torch.tensor(norm)
     coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
     if coef < 1.0:
-        for grads in groups.values():
-            for grad in grads:
-                grad.mul_(coef)
+        for p in params:
+            p.grad.mul_(coef)
     return total
 
 
@@ -93,6 +115,8 @@ class MoELanguageModel(L.LightningModule):
         # UTF-8 bytes per token id (0 for specials): bits per byte on validation.
         self.register_buffer("token_bytes", token_bytes, persistent=False)
         self._val_sums: Tensor | None = None
+        self._micro_batches: list[tuple[dict, Tensor]] = []  # (batch, loss) since the last optimizer step
+        self._grad_norm: float | None = None  # of the step about to be taken, for clipping
         self.last_val_metrics: dict[str, float] = {}  # of the latest validation, over all ranks
 
     def configure_model(self) -> None:
@@ -122,12 +146,66 @@ class MoELanguageModel(L.LightningModule):
                 "records": records}
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
+        self._seed_router_noise(batch)
+        out = self.losses(batch["tokens"])
+        self._micro_batches.append((batch, out["total"]))  # checked before the optimizer step
+        self.log("loss", out["ce"], prog_bar=True, logger=False)
+        return out
+
+    def _seed_router_noise(self, batch: dict) -> None:
         # Seed from the global micro-batch index: router noise is a function of the data position,
         # so a resumed run draws exactly the noise the uninterrupted run would have.
         torch.manual_seed(int(batch["index"]) * 1_000_003 + self.trainer.global_rank)
-        out = self.losses(batch["tokens"])
-        self.log("loss", out["ce"], prog_bar=True, logger=False)
-        return out
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """NOTE: the one gate before the weights change. The step's losses and its global gradient
+        norm are checked together (one host sync per step, the one clipping needs anyway); if any
+        is non-finite on any rank, every rank raises TrainingStopped before the optimizer step, so
+        neither the weights nor a checkpoint ever hold the bad values. (Under 16-mixed, gradients
+        that overflow are left to the GradScaler, which skips such steps by design.)"""
+        micro, self._micro_batches = self._micro_batches, []
+        params = [p for p in self.parameters() if p.grad is not None]
+        norm = global_grad_norm(params)
+        bad_M = torch.stack([~torch.isfinite(loss) for _, loss in micro]).float() if micro else norm.new_zeros(0)
+        bad_M = self.trainer.strategy.reduce(bad_M.to(norm.device), reduce_op="sum")  # on any rank
+        *bad, total = torch.cat([bad_M, norm.reshape(1).float()]).tolist()
+        scaled = getattr(getattr(self.trainer, "precision_plugin", None), "scaler", None) is not None
+        overflow = not any(bad) and not math.isfinite(total) and not scaled
+        if overflow and not nonfinite_names(self._named_grads()):
+            total = float(exact_grad_norm(params))  # finite gradients whose squares overflow float32
+        if any(bad) or not (math.isfinite(total) or scaled):
+            raise self._nonfinite(micro, next((i for i, b in enumerate(bad) if b), None), total)
+        self._grad_norm = total
+
+    def _named_grads(self) -> list[tuple[str, Tensor | None]]:
+        return [(name, p.grad) for name, p in self.model.named_parameters()]
+
+    def _nonfinite(self, micro: list[tuple[dict, Tensor]], first_bad: int | None, norm: float) -> TrainingStopped:
+        """Name where the non-finite value appeared: re-run the forward of the first micro-batch whose
+        loss is non-finite with a hook on every module; else the first parameter whose gradient is."""
+        step = self.trainer.global_step + 1  # the step being taken: its metrics would be logged at `step`
+        if first_bad is not None:
+            batch, losses = micro[first_bad][0], []
+
+            def forward() -> None:
+                self._seed_router_noise(batch)  # the same router noise as the failed forward
+                losses.append(self.losses(batch["tokens"]))
+
+            where = first_nonfinite_output(self.model, forward)
+            parts = ", ".join(f"{k}={float(losses[0][k]):.4g}" for k in ("ce", "aux", "z"))
+            of = f" (micro-batch {first_bad + 1} of {len(micro)})" if len(micro) > 1 else ""
+            message = f"non-finite loss at step {step}{of}: " + (f"first non-finite value in {where}" if where else
+                                                                  f"every module output is finite, the loss is not ({parts})")
+        else:
+            named = self._named_grads()
+            grads = nonfinite_names(named)
+            # Backward runs from the loss to the embedding: the non-finite gradient nearest the
+            # loss (the last in module order) is the nearest to where it appeared.
+            message = f"non-finite gradient at step {step}: " + (
+                f"{len(grads)} of {len(named)} parameters, the nearest the loss being {grads[-1]}" if grads else
+                f"the global gradient norm is {norm}")
+        return TrainingStopped(message + "; the weights were not updated", rank_zero=self.trainer.is_global_zero,
+                               name_last_checkpoint=True)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         inputs_BT, targets_BT = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
@@ -167,8 +245,9 @@ class MoELanguageModel(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by the global gradient norm over every parameter, whatever mesh it lives on."""
+        norm, self._grad_norm = self._grad_norm, None  # measured by on_before_optimizer_step
         if gradient_clip_val:
-            clip_global_norm([p for p in self.parameters() if p.grad is not None], float(gradient_clip_val))
+            clip_global_norm([p for p in self.parameters() if p.grad is not None], float(gradient_clip_val), norm=norm)
 
     def configure_optimizers(self):
         decay = [p for p in self.model.parameters() if p.dim() >= 2]

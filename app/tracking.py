@@ -4,19 +4,40 @@ Default store: a SQLite file `mlflow.db` in the working directory (the project f
 `make`), artifacts beside it in `mlartifacts/`; no server needed. Any tracking URI works, from
 `tracking.uri` or `MLFLOW_TRACKING_URI`. MLflow 3 refuses the old `./mlruns` file store, and
 Lightning's `MLFlowLogger` defaults to it, so the URI is always passed explicitly.
+
+Training logs through `TrackedLogger`, which survives two faults:
+- Resume after a kill: the steps between the last checkpoint and the kill are replayed, with
+  identical values (exact resume). A continued MLflow run is asked once, per metric key, for the
+  highest step it holds (the step of its latest metric), and rows at or below it are dropped: the
+  first record wins, and the replay is identical, so nothing is lost and no step is logged twice.
+- The tracking store going away: a call that fails because the store is unreachable (connection
+  refused, timeout, HTTP 5xx or 429) fails within seconds, the record goes to
+  runs/<name>/mlflow_pending.jsonl (appended and flushed per call, so a kill loses nothing) and
+  training continues. The buffer is sent, at most every `retry_every_s`, once the store answers
+  again; what is left at the end is sent by `python -m pipelines sync runs/<name>`, which skips
+  every (key, step) the MLflow run already holds.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
+import re
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from lightning.fabric.utilities.logger import _add_prefix, _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from app.errors import UserError
 
@@ -28,16 +49,24 @@ class TrackingConfig:
     experiment: str = "moe-lm"
     checkpoint_artifact_max_mb: float = 200.0  # larger final checkpoints are logged by path only
     continue_run: bool = True  # a resumed run logs into its MLflow run; false: a new MLflow run
+    retry_every_s: float = 30.0  # while the store is unreachable, how often training tries it again
+
+    def __post_init__(self) -> None:
+        if self.retry_every_s < 0:
+            raise ValueError(f"tracking.retry_every_s must be >= 0, got {self.retry_every_s}")
 
 
 def tracking_uri(config: TrackingConfig) -> str:
     return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def check_store(uri: str) -> None:
+_START_SERVER = "start it, or set tracking.uri (empty = the local sqlite store)"
+
+
+def check_store(uri: str, *, unreachable_fix: str = _START_SERVER) -> None:
     """Fail before training, not at the first log call, when the store cannot work."""
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        _check_server(uri, unreachable_fix)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir():
@@ -46,9 +75,16 @@ def check_store(uri: str) -> None:
         raise UserError(
             f"MLflow 3 does not accept the file store {uri!r}: use a database, e.g. tracking.uri=sqlite:///mlflow.db"
         )
+    elif uri.split("://", 1)[0].split("+", 1)[0] not in _OTHER_STORES:
+        raise UserError(f"tracking.uri {uri!r} is not a tracking store MLflow can use: "
+                        "use sqlite:///<path>/mlflow.db or http(s)://<server>")
 
 
-def _check_server(uri: str) -> None:
+# Stores MLflow reaches through SQLAlchemy (`mysql+pymysql://` too) or Databricks: left to MLflow.
+_OTHER_STORES = {"postgresql", "mysql", "mssql", "databricks", "databricks-uc"}
+
+
+def _check_server(uri: str, unreachable_fix: str) -> None:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5):
             return
@@ -56,22 +92,364 @@ def _check_server(uri: str) -> None:
         raise UserError(f"MLflow tracking server {uri} answered /health with error HTTP {err.code}: check the server") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or type(err).__name__
-        raise UserError(
-            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or set tracking.uri "
-            "(empty = the local sqlite store)"
-        ) from None
+        raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}): {unreachable_fix}") from None
 
 
-def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], run_id: str | None) -> MLFlowLogger:
-    """An MLFlowLogger on the configured store; `run_id` continues an existing run."""
+def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], run_id: str | None,
+                pending: Path | None = None) -> TrackedLogger:
+    """A logger on the configured store; `run_id` continues an existing run. With `pending` (a file in
+    the run folder), records the store cannot take are kept there instead of stopping training."""
     uri = tracking_uri(config)
     artifacts = None
     if uri.startswith("sqlite:///"):
         artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return MLFlowLogger(
+    return TrackedLogger(
         experiment_name=config.experiment, run_name=run_name, tracking_uri=uri,
-        tags=tags, artifact_location=artifacts, run_id=run_id,
+        tags=tags, artifact_location=artifacts, run_id=run_id, pending=pending, retry_every_s=config.retry_every_s,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing fast, and which failures mean "the store is not there right now"
+
+PENDING_FILE = "mlflow_pending.jsonl"
+
+# MLflow's HTTP defaults (7 retries with exponential backoff, 120 s timeout) would stall a training
+# step for minutes when the server is gone; the buffer makes a quick failure lossless instead.
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+              "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+@contextmanager
+def fail_fast() -> Iterator[None]:
+    """MLflow's HTTP calls inside fail within seconds. MLflow reads these variables at each request;
+    they are set only for the calls inside (a value the user exported wins) and removed after."""
+    added = {k: v for k, v in _FAIL_FAST.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def unavailable(err: BaseException) -> bool:
+    """True when the store could not take a call now (down, timed out, overloaded): worth keeping the
+    record and trying again. A 4xx answer is a wrong call, and trying again would not help."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):  # connection errors and timeouts arrive as INTERNAL_ERROR (500)
+        status = err.get_http_status_code()
+        return status >= 500 or status == 429
+    if isinstance(err, requests.exceptions.HTTPError) and err.response is not None:  # artifact uploads
+        return err.response.status_code >= 500 or err.response.status_code == 429
+    return isinstance(err, requests.exceptions.RequestException)
+
+
+def logged_steps(client, run_id: str) -> dict[str, int]:
+    """metric key -> the highest step the run holds, from one `get_run`: MLflow's latest metric of a
+    key is its highest (step, timestamp, value)."""
+    return {m.key: m.step for m in client.get_run(run_id).data.to_proto().metrics}
+
+
+# ---------------------------------------------------------------------------------------------
+# The logger
+
+class TrackedLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger that drops replayed steps of a continued run and, given a `pending`
+    file, keeps what an unreachable store cannot take instead of failing the run.
+
+    Every call becomes a record (a JSON object: run_id plus metrics, params, tags, status, artifact or
+    dict) that is sent now or appended to `pending`. NOTE: once a record is pending, later ones are
+    appended behind it until the whole file went through, so the store receives them in order.
+    """
+
+    def __init__(self, *args, pending: Path | None = None, retry_every_s: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending, self.retry_every_s = pending, retry_every_s
+        self._backlog = pending is not None and pending.is_file()  # e.g. left by a killed run: sent first
+        self._watermark: dict[str, int] | None = None if self._run_id else {}  # a new run holds nothing
+        self._next_try = 0.0  # time.monotonic() of the next attempt while the store is away
+        self._away = False  # the store failed since it last answered
+
+    # Lightning's hooks --------------------------------------------------------------------------
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        timestamp = int(time.time() * 1000)
+        rows = [[_metric_key(k), float(v), timestamp, step or 0]
+                for k, v in _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR).items() if not isinstance(v, str)]
+        if rows:
+            self._deliver({"metrics": rows})
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        flat = _flatten_dict(_convert_params(params))
+        if flat:
+            self._deliver({"params": {k: str(v)[:250] for k, v in flat.items()}})  # Lightning's truncation
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if not self._initialized:
+            return
+        self._next_try = 0.0  # the end of fit: one more attempt, whatever the retry interval
+        status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(status, status)
+        self._deliver({"status": status, "end_time": int(time.time() * 1000)})
+
+    # Used by pipelines/train.py ---------------------------------------------------------------
+
+    @rank_zero_only
+    def reopen(self) -> None:
+        """A continued run trains again: its status goes back to RUNNING until finalize."""
+        self._deliver({"status": "RUNNING"})
+
+
+    @rank_zero_only
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        key = "artifacts" if Path(local_path).is_dir() else "artifact"
+        self._deliver({key: str(Path(local_path).resolve()), "artifact_path": artifact_path})
+
+    @rank_zero_only
+    def log_dict(self, dictionary: dict, artifact_file: str) -> None:
+        self._deliver({"dict": dictionary, "artifact_file": artifact_file})
+
+    @rank_zero_only
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._deliver({"tags": {k: str(v) for k, v in tags.items()}})
+
+    def flush_pending(self) -> str | None:
+        """A last attempt to send what is kept; the line to show the user if some is still kept."""
+        if self.pending is None or not self._backlog:
+            return None
+        self._next_try = 0.0
+        self._ready()
+        if not self._backlog:
+            return None
+        count = self.pending.read_bytes().count(b"\n")
+        run_dir = self.pending.parent
+        return (f"warning: {count} MLflow records did not reach {self._tracking_uri} and are kept in {self.pending}: "
+                f"once it is back, send them with `make sync RUN={run_dir}` (python -m pipelines sync {run_dir})")
+
+    # Sending or keeping ------------------------------------------------------------------------
+
+    def _deliver(self, record: dict) -> None:
+        record = {"run_id": self.run_id, **record}
+        if self.pending is None:  # no run folder to keep records in: MLflow's own behaviour
+            if self._watermark is None:
+                self._watermark = logged_steps(self.experiment, self.run_id)
+            send(self.experiment, self._new(record))
+            return
+        if self._ready():
+            try:
+                with fail_fast():
+                    send(self.experiment, self._new(record))
+                return
+            except Exception as err:
+                if not unavailable(err):
+                    raise
+                self._went_away(err)
+        record = self._new(record) if self._watermark is not None else record  # else: the upload dedups exactly
+        if record.get("metrics", True):
+            keep(self.pending, record)
+            self._backlog = True
+
+    def _new(self, record: dict) -> dict:
+        """A metrics record without the rows at steps the continued run already holds."""
+        if "metrics" not in record or not self._watermark:
+            return record
+        rows = [r for r in record["metrics"] if r[3] > self._watermark.get(r[0], -1)]
+        return {**record, "metrics": rows}
+
+    def _ready(self) -> bool:
+        """Whether a call may go to the store now: what is kept went through first, and the steps
+        a continued run holds are known. While the store is away this is tried every retry_every_s."""
+        if self._away and time.monotonic() < self._next_try:
+            return False
+        try:
+            with fail_fast():
+                if self._backlog and self.pending.is_file():
+                    _say(f"MLflow store {self._tracking_uri} answers: {upload_pending(self.experiment, self.pending)}")
+                self._backlog = False
+                if self._watermark is None:
+                    self._watermark = logged_steps(self.experiment, self.run_id)
+        except Exception as err:
+            if not unavailable(err):
+                raise
+            self._went_away(err)
+            return False
+        self._away = False
+        return True
+
+    def _went_away(self, err: BaseException) -> None:
+        self._next_try = time.monotonic() + self.retry_every_s
+        if not self._away:
+            _say(f"warning: MLflow store {self._tracking_uri} is unreachable ({_reason(err)}): training continues, its "
+                 f"records are kept in {self.pending} and sent when the store answers again")
+        self._away = True
+
+
+
+_REASONS = (r"\[Errno -?\d+\] ([^'\")\]]+)", r"(Connection reset by peer)", r"(Connection refused)",
+            r"(Read timed out)", r"(Remote end closed connection without response)", r"(Connection aborted)")
+
+
+def _reason(err: BaseException) -> str:
+    """The useful part of MLflow's long error text, most specific first: e.g. `Connection refused`."""
+    text = str(err)
+    for pattern in _REASONS:
+        if found := re.search(pattern, text):
+            return found.group(1).strip().rstrip(".")
+    return text.splitlines()[0][:120] if text else type(err).__name__
+
+
+def _metric_key(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)  # the characters MLflow allows, as Lightning does
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: sending one, and sending a pending file without duplicating steps
+
+def send(client, record: dict) -> None:
+    """One record to the store through an MlflowClient."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id = record["run_id"]
+    if "metrics" in record:
+        if record["metrics"]:  # MlflowClient.log_batch splits into MLflow's batch limits
+            client.log_batch(run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in record["metrics"]])
+    elif "params" in record:
+        if record["params"]:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
+    elif "tags" in record:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif "status" in record:
+        if record["status"] == "RUNNING":  # a resumed run: it was FAILED, KILLED or FINISHED
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, record["status"], record["end_time"])
+    elif "artifact" in record:
+        client.log_artifact(run_id, record["artifact"], record["artifact_path"])
+    elif "artifacts" in record:
+        client.log_artifacts(run_id, record["artifacts"], record["artifact_path"])
+    elif "dict" in record:
+        client.log_dict(run_id, record["dict"], record["artifact_file"])
+    else:
+        raise ValueError(f"not a tracking record: {sorted(record)}")
+
+
+def keep(path: Path, record: dict) -> None:
+    """Append one record as a line of JSON, flushed: once this returns, a kill loses nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        if f.tell():  # a kill mid-append left a line without its newline: do not glue this record to it
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+        f.flush()  # in the kernel's hands, which outlive the process
+
+
+def read_pending(path: Path) -> tuple[list[dict], int]:
+    """The records of a pending file, and how many lines were damaged (cut by a kill mid-append:
+    their steps come after the last checkpoint, so the resumed run logged them again)."""
+    records, damaged = [], 0
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            damaged += 1
+            continue
+        if isinstance(record, dict) and "run_id" in record:
+            records.append(record)
+        else:
+            damaged += 1
+    return records, damaged
+
+
+@dataclass
+class SyncReport:
+    metrics: int = 0  # metric values sent
+    duplicates: int = 0  # metric values at a (key, step) the run already held: skipped
+    others: int = 0  # params, tags, statuses and artifacts sent
+    damaged: int = 0  # unreadable lines skipped
+    missing: list[str] = field(default_factory=list)  # artifact files gone since: skipped
+
+    def __str__(self) -> str:
+        text = f"{self.metrics} metric values sent ({self.duplicates} already logged, skipped), {self.others} other records"
+        text += f", {self.damaged} damaged lines skipped" if self.damaged else ""
+        return text + (f"; files gone, not sent: {', '.join(self.missing)}" if self.missing else "")
+
+
+def upload_pending(client, path: Path) -> SyncReport:
+    """Send a pending file's records in order, then delete it. A metric row is sent only if its
+    (run, key, step) is neither in the store nor earlier in the file (the first record wins), so a
+    file holding a replay, or sent twice after an interruption, duplicates nothing. Params already set
+    are skipped (MLflow params cannot change)."""
+    records, damaged = read_pending(path)
+    report = SyncReport(damaged=damaged)
+    held = _HeldSteps(client)
+    params: dict[str, dict[str, str]] = {}
+    batch: dict | None = None  # the rows of consecutive metric records of one run: one call
+    for record in records:
+        run_id = record["run_id"]
+        if "metrics" in record:
+            if batch is not None and (batch["run_id"] != run_id or len(batch["metrics"]) >= 1000):
+                send(client, batch)
+                batch = None
+            batch = batch or {"run_id": run_id, "metrics": []}
+            new = [row for row in record["metrics"] if held.claim(run_id, row[0], row[3])]
+            batch["metrics"] += new
+            report.metrics += len(new)
+            report.duplicates += len(record["metrics"]) - len(new)
+            continue
+        if batch is not None:
+            send(client, batch)
+            batch = None
+        if "params" in record:
+            if run_id not in params:
+                params[run_id] = dict(client.get_run(run_id).data.params)
+            record = {**record, "params": {k: v for k, v in record["params"].items() if k not in params[run_id]}}
+            params[run_id].update(record["params"])
+        elif not Path(record.get("artifact") or record.get("artifacts") or ".").exists():
+            report.missing.append(record.get("artifact") or record.get("artifacts"))  # e.g. a pruned checkpoint
+            continue
+        send(client, record)
+        report.others += 1
+    if batch is not None:
+        send(client, batch)
+    path.unlink()
+    return report
+
+
+class _HeldSteps:
+    """Which (run, key, step) the store holds, asking it little: one get_run per run gives each key's
+    highest step; a key's whole history is read only for a row at or below that step (a replay)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.highest: dict[str, dict[str, int]] = {}  # run -> key -> highest step in the store
+        self.steps: dict[tuple[str, str], set[int]] = {}  # (run, key) -> steps known held or sent
+        self.read: set[tuple[str, str]] = set()  # (run, key) whose history was read
+
+    def claim(self, run_id: str, key: str, step: int) -> bool:
+        """True if the store lacks this step: the caller sends it, and from now on it is held."""
+        if run_id not in self.highest:
+            self.highest[run_id] = logged_steps(self.client, run_id)
+        steps = self.steps.setdefault((run_id, key), set())
+        if step <= self.highest[run_id].get(key, -1) and (run_id, key) not in self.read:
+            steps |= {m.step for m in self.client.get_metric_history(run_id, key)}
+            self.read.add((run_id, key))
+        if step in steps:
+            return False
+        steps.add(step)
+        return True
 
 
 def git_commit() -> str:

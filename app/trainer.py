@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -14,6 +15,46 @@ from lightning.pytorch.strategies import Strategy
 from app.checkpoint import AtomicCheckpointIO
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+# Exit codes: 2 = refused before anything was written (app.errors.UserError); 1 = training
+# started and stopped on a fault found while running (non-finite values, a checkpoint that cannot
+# be written); 130 = Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it is inside it (as the user typed it)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+class TrainingStopped(Exception):
+    """Training stopped early on purpose, with nothing lost: the weights were not updated with bad
+    values and the last checkpoint is intact (or, for Ctrl-C, the current step's was written).
+
+    Raised on every rank at once (the ranks agree first, so none waits in a collective for another).
+    Lightning marks the MLflow run FAILED on any exception; `end_run` then sets `mlflow_status`.
+    Entry points print the message (one line, no traceback) and exit with `exit_code`.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_FAILED, mlflow_status: str = "FAILED",
+                 rank_zero: bool = True, name_last_checkpoint: bool = False):
+        super().__init__(message)
+        self.message, self.exit_code, self.mlflow_status = message, exit_code, mlflow_status
+        self.rank_zero = rank_zero  # only global rank 0 prints and marks the run
+        self.name_last_checkpoint = name_last_checkpoint  # the raiser does not know the run's folder
+
+    def __str__(self) -> str:
+        return self.message
+
+    def end_run(self, logger: Logger | None, last_checkpoint: Path | None) -> None:
+        if self.name_last_checkpoint:
+            self.message += (f"; the last checkpoint {_shown(last_checkpoint)} is intact"
+                             if last_checkpoint else "; no checkpoint was written yet")
+        if self.rank_zero and logger is not None:
+            logger.finalize(self.mlflow_status)
 
 
 @dataclass

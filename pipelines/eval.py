@@ -31,12 +31,13 @@ from app.errors import UserError
 from app.evaluation import Evaluation, evaluate, top_tokens
 from app.plots import curves_plot, load_heatmap
 from app.tracking import check_store, tracking_uri
+from app.trainer import TrainingStopped
 from moe import ModelKind, ModelStats, Transformer, dense_baseline, model_stats
 from pipelines.cli import config_parser, split_config_arg
 from pipelines.config import ExperimentConfig, config_from_yaml, load_config
 from pipelines.corpus import read_documents
-from pipelines.tokenize import EOS_TOKEN, TokenData, prepare_data
-from pipelines.train import default_run_name, train
+from pipelines.tokenize import EOS_TOKEN, TokenData, encode, prepare_data
+from pipelines.train import default_run_name, stopped, train
 
 
 @dataclass
@@ -129,7 +130,7 @@ def _sources(config: ExperimentConfig, data: TokenData) -> dict[str, np.ndarray]
         eos = tokenizer.token_to_id(EOS_TOKEN)
         for source in config.eval.extra_sources:
             docs = read_documents([source], config.data.text_field)
-            ids = [i for doc in docs for i in [*tokenizer.encode(doc.text).ids, eos]]
+            ids = [i for doc in docs for i in [*encode(tokenizer, doc.text), eos]]
             sources[Path(source).name or source] = np.asarray(ids, dtype=np.int64)
     for name, ids in sources.items():
         if len(ids) < config.trainer.seq_len + 1:
@@ -310,5 +311,8 @@ def main(argv: list[str]) -> int:
     config = load_config(path, overrides)
     if config.model.kind != ModelKind.moe:
         raise UserError("make eval compares an MoE config with its dense baseline: give an MoE config (model.kind=moe)")
-    evaluate_pair(config, recipe=path or "")
+    try:
+        evaluate_pair(config, recipe=path or "")
+    except TrainingStopped as stop:  # while training a missing run
+        return stopped(stop)
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from app.callbacks import Checkpointing, MoEMetrics, StepMetrics
+from app.callbacks import Checkpointing, Interrupt, MoEMetrics, StepMetrics
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -32,8 +32,9 @@ from app.evaluation import EvalConfig
 from app.parallel import ParallelConfig, build_strategy, needs_model_parallel
 from app.perf import choose_precision, matmul_flops, precision_dtype
 from app.plots import expert_load_plot
-from app.tracking import check_store, git_commit, make_logger, tracking_uri
-from app.trainer import build_trainer
+from app.run_lock import lock_run
+from app.tracking import PENDING_FILE, check_store, git_commit, make_logger, tracking_uri
+from app.trainer import EXIT_INTERRUPTED, TrainingStopped, build_trainer
 from moe import ModelKind, model_stats
 from app.tracking import TrackingConfig
 from pipelines.cli import config_parser, split_config_arg
@@ -73,14 +74,15 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
     module, datamodule = _build(config, data)
     logger = _logger(config, plan, recipe) if config.tracking.enabled else None
     stats = model_stats(config.model, config.moe)
-    moe_metrics = MoEMetrics(log_every=config.trainer.log_every)
+    moe_metrics, interrupt = MoEMetrics(log_every=config.trainer.log_every), Interrupt()
     callbacks = [
         StepMetrics(log_every=config.trainer.log_every,
                     tokens_per_micro_batch=config.trainer.batch_size * config.trainer.seq_len,
                     flops_per_token=stats.flops_per_token_train, peak_flops=_peak(config, precision)),
         moe_metrics,
         Checkpointing(plan.checkpoints, every=config.trainer.ckpt_every, keep=config.trainer.keep_checkpoints,
-                      val_every=config.trainer.val_every),
+                      val_every=config.trainer.val_every, interrupt=interrupt),
+        interrupt,  # Ctrl-C: Checkpointing writes the step's checkpoint, then the run stops
     ]
     strategy = "auto"
     if needs_model_parallel(config.parallel, config.trainer.devices, plan.resume_from):
@@ -90,16 +92,26 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
     trainer = build_trainer(config.trainer, precision=precision, callbacks=callbacks, logger=logger,
                             strategy=strategy, num_nodes=config.parallel.num_nodes)
     baseline = unigram_loss(data.memmap("train"), data.memmap("val"), data.meta["vocab_size"])
-    _start_run_files(plan, config, logger, data, stats, fresh=plan.resume_from is None, trainer=trainer)
-    if logger is not None and plan.resume_from is None and trainer.is_global_zero:
+    # A new MLflow run (a fresh run, or a resume with tracking.continue_run=false) gets the params.
+    new_mlflow_run = plan.mlflow_run_id is None
+    _start_run_files(plan, config, logger, data, stats, new_mlflow_run=new_mlflow_run, trainer=trainer)
+    if logger is not None and new_mlflow_run and trainer.is_global_zero:
         logger.log_metrics({"val/unigram_loss": baseline}, step=0)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=plan.resume_from, weights_only=True)
+    except TrainingStopped as stop:  # non-finite values, a checkpoint that cannot be written, Ctrl-C
+        stop.end_run(logger, latest_checkpoint(plan.checkpoints))
+        if logger is not None and (notice := logger.flush_pending()):  # the tracking server went away
+            _say(notice)
+        raise
     if trainer.global_step % config.trainer.val_every:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
         if logger is not None:
             _log_artifacts(logger, plan, config, data, moe_metrics)
         _summary(plan, module, trainer, logger, baseline)
+        if logger is not None and (notice := logger.flush_pending()):  # the tracking server went away
+            _say(notice)
     return plan
 
 
@@ -108,6 +120,7 @@ def plan_run(config: ExperimentConfig, *, recipe: str, resume: Path | None) -> R
     if not config.run.name:
         config.run.name = default_run_name(config, recipe)
     run_dir = Path(config.run.root) / config.run.name
+    lock_run(Path(config.run.root), config.run.name)  # before reading its checkpoints; held until exit
     resume_from = resume
     found = latest_checkpoint(run_dir / "checkpoints")
     if resume_from is None and found is not None:
@@ -240,11 +253,12 @@ def _logger(config: ExperimentConfig, plan: RunPlan, recipe: str):
             "git_commit": git_commit(), "run_name": config.run.name}
     if config.model.kind == ModelKind.moe:
         tags["routing"] = config.moe.router.kind.value
-    return make_logger(config.tracking, run_name=config.run.name, tags=tags, run_id=plan.mlflow_run_id)
+    return make_logger(config.tracking, run_name=config.run.name, tags=tags, run_id=plan.mlflow_run_id,
+                       pending=plan.dir / PENDING_FILE)
 
 
-def _start_run_files(plan, config, logger, data, stats, *, fresh: bool, trainer) -> None:
-    """config.yaml and run.json in the run folder; params on a fresh MLflow run."""
+def _start_run_files(plan, config, logger, data, stats, *, new_mlflow_run: bool, trainer) -> None:
+    """config.yaml and run.json in the run folder; params on a new MLflow run."""
     if not trainer.is_global_zero:
         return
     plan.dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +268,9 @@ def _start_run_files(plan, config, logger, data, stats, *, fresh: bool, trainer)
     info = {"mlflow_run_id": logger.run_id, "tracking_uri": tracking_uri(config.tracking),
             "experiment": config.tracking.experiment}
     (plan.dir / "run.json").write_text(json.dumps(info, indent=1))
-    if fresh:
+    if not new_mlflow_run:
+        logger.reopen()  # FAILED or KILLED by the stop this run resumes from: RUNNING again
+    else:
         params = to_flat_dict(config)
         params.update({"data.cache_key": data.meta["cache_key"], "data.val_documents": len(data.meta["splits"]["val"]["names"]),
                        "stats.total_params": stats.total_params, "stats.active_params": stats.active_params,
@@ -263,26 +279,23 @@ def _start_run_files(plan, config, logger, data, stats, *, fresh: bool, trainer)
 
 
 def _log_artifacts(logger, plan: RunPlan, config: ExperimentConfig, data: TokenData, moe_metrics: MoEMetrics) -> None:
-    run_id, client = logger.run_id, logger.experiment
-    client.log_artifact(run_id, str(plan.dir / "config.yaml"))
-    client.log_artifact(run_id, str(data.tokenizer_path))
-    client.log_dict(run_id, {"val_documents": data.meta["splits"]["val"]["names"], "cache_key": data.meta["cache_key"]},
+    # Through the logger: if the tracking server is down they are kept, like metrics, for `make sync`.
+    logger.log_artifact(plan.dir / "config.yaml")
+    logger.log_artifact(data.tokenizer_path)
+    logger.log_dict({"val_documents": data.meta["splits"]["val"]["names"], "cache_key": data.meta["cache_key"]},
                     "data_split.json")
     if moe_metrics.history:
         plot = expert_load_plot(moe_metrics.history, config.model.moe_layer_ids, plan.dir / "expert_load.png")
-        client.log_artifact(run_id, str(plot))
+        logger.log_artifact(plot)
     final = latest_checkpoint(plan.checkpoints)
     if final is None:
         return
-    client.set_tag(run_id, "final_checkpoint", str(final.resolve()))
+    logger.set_tags({"final_checkpoint": str(final.resolve())})
     files = [final] if final.is_file() else [p for p in final.iterdir() if p.is_file()]
     if sum(p.stat().st_size for p in files) / 2**20 > config.tracking.checkpoint_artifact_max_mb:
         return  # large: the tag holds its path
     try:
-        if final.is_file():
-            client.log_artifact(run_id, str(final), "checkpoints")
-        else:
-            client.log_artifacts(run_id, str(final), f"checkpoints/{final.name}")
+        logger.log_artifact(final, "checkpoints" if final.is_file() else f"checkpoints/{final.name}")
     except OSError as err:  # e.g. a resumed run logged a different checkpoint under this name
         _say(f"warning: the final checkpoint was not copied to MLflow ({err}); its path is the tag final_checkpoint")
 
@@ -312,5 +325,18 @@ def main(argv: list[str]) -> int:
         config = config_from_yaml(checkpoint_config(args.resume), overrides)
     else:
         config = load_config(path, overrides)
-    train(config, recipe=path or "", resume=args.resume)
+    try:
+        train(config, recipe=path or "", resume=args.resume)
+    except TrainingStopped as stop:
+        return stopped(stop)
     return 0
+
+
+def stopped(stop: TrainingStopped) -> int:
+    """Print why training stopped (one line, on rank 0) and return the exit code."""
+    if not stop.rank_zero:
+        # Exit 0: Lightning's launcher kills the main process as soon as a child exits non-zero,
+        # which could cut rank 0 short while it marks the MLflow run.
+        return 0
+    _say(f"{'' if stop.exit_code == EXIT_INTERRUPTED else 'error: '}{stop}")
+    return stop.exit_code

@@ -1,9 +1,12 @@
-"""app/checkpoint.py and app/callbacks/checkpointing.py: atomic writes, finding the newest
-complete checkpoint, refusing unreadable or unsafe files, and the save cadence with `last`."""
+"""app/checkpoint.py, app/callbacks/checkpointing.py and app/run_lock.py: atomic writes, finding
+the newest complete checkpoint, refusing unreadable or unsafe files, the save cadence with `last`,
+never writing non-finite weights, and the run lock (real processes holding, refused, killed)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +24,10 @@ from app.checkpoint import (
     read_checkpoint,
 )
 from app.errors import UserError
+from app.run_lock import lock_run
+from app.trainer import TrainingStopped
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def touch(path: Path, content: bytes = b"x") -> Path:
@@ -160,7 +167,7 @@ def test_distributed_folder_without_meta_is_a_user_error(tmp_path):
     folder.mkdir()
     with pytest.raises(UserError) as err:
         read_checkpoint(folder)
-    assert "not found" in assert_one_line_user_error(err, folder)
+    assert "is a folder but not a distributed checkpoint (no meta.pt)" in assert_one_line_user_error(err, folder)
 
 
 def test_truncated_checkpoint_is_a_user_error(tmp_path):
@@ -245,13 +252,17 @@ def test_torch_file_holding_a_tensor_is_a_user_error(tmp_path):
 
 
 class FakeTrainer:
-    """What the callback uses: step counters, a save that writes the step, rank 0, a barrier."""
+    """What the callback uses: step counters, a save that writes the step, rank 0, a barrier, a
+    one-process reduce (the identity) and a module whose weights are checked before each save."""
 
     def __init__(self, *, accumulate: int, max_steps: int):
         self.accumulate_grad_batches, self.max_steps, self.global_step = accumulate, max_steps, 0
         self.is_global_zero = True
         self.barriers = 0
-        self.strategy = SimpleNamespace(barrier=self._barrier)
+        self.strategy = SimpleNamespace(barrier=self._barrier, reduce=lambda t, reduce_op=None: t,
+                                        root_device=torch.device("cpu"))
+        self.lightning_module = torch.nn.Linear(2, 2)
+        self.sanity_checking = False
 
     def _barrier(self, name=None):
         self.barriers += 1
@@ -309,3 +320,87 @@ def test_only_rank_zero_moves_last_and_prunes(tmp_path):
     callback.save(trainer, 5)
     assert os.readlink(tmp_path / LAST) == checkpoint_name(4)
     assert len(list_checkpoints(tmp_path)) == 2
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    trainer = FakeTrainer(accumulate=1, max_steps=2)
+    callback = Checkpointing(tmp_path, every=1, keep=5)
+    run_steps(callback, trainer)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        trainer.lightning_module.bias[1] = float("nan")
+    trainer.global_step = 3
+    with pytest.raises(TrainingStopped, match=r"^non-finite weights at step 3 \(first: bias\): not checkpointed$"):
+        callback.save(trainer, 3)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert os.readlink(tmp_path / LAST) == checkpoint_name(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# app/run_lock.py: one training process per run name
+# ---------------------------------------------------------------------------------------------
+
+LOCKER = """
+import sys
+from pathlib import Path
+from app.run_lock import lock_run
+from app.errors import UserError
+try:
+    lock_run(Path(sys.argv[1]), sys.argv[2])
+    lock_run(Path(sys.argv[1]), sys.argv[2])  # again (make eval trains in one process): already held
+except UserError as err:
+    print(f"error: {err}", flush=True)
+    sys.exit(2)
+print("locked", flush=True)
+sys.stdin.read()  # hold the lock until the test closes stdin (or kills this process)
+"""
+
+
+def locker(root: Path, name: str, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LOCKER, str(root), name], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, **env})
+
+
+def test_a_locked_run_refuses_a_second_process_until_the_holder_is_killed(tmp_path):
+    root = tmp_path / "runs"
+    holder = locker(root, "x")
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert (root / ".x.lock").read_text() == f"{holder.pid}\n"
+        second = locker(root, "x")
+        out, _ = second.communicate(timeout=60)
+        assert second.returncode == 2
+        assert out == (f"error: run x is being trained by another process (PID {holder.pid}, lock {root / '.x.lock'}): "
+                       "wait for it to finish or stop it, or give this run another run.name\n")
+        other = locker(root, "y")  # another run name is not affected
+        assert other.stdout.readline() == "locked\n"
+        other.communicate("", timeout=60)
+        assert other.returncode == 0 and not (root / ".y.lock").exists()  # removed at a normal exit
+        # A launcher's other ranks belong to the holder's run: they neither lock nor refuse.
+        rank1 = locker(root, "x", LOCAL_RANK="1")
+        assert rank1.stdout.readline() == "locked\n"
+        rank1.communicate("", timeout=60)
+    finally:
+        holder.kill()  # kill -9: the kernel releases the lock, the file stays
+        holder.wait()
+    assert (root / ".x.lock").exists()
+    third = locker(root, "x")
+    assert third.stdout.readline() == "locked\n"
+    third.communicate("", timeout=60)
+    assert third.returncode == 0 and list(root.iterdir()) == []
+
+
+def test_a_lock_that_created_the_runs_folder_removes_it_at_exit(tmp_path):
+    root = tmp_path / "a" / "runs"
+    proc = locker(root, "x")
+    assert proc.stdout.readline() == "locked\n"
+    assert root.is_dir()
+    proc.communicate("", timeout=60)
+    assert proc.returncode == 0 and list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_a_runs_folder_that_cannot_be_written_is_a_user_error(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"cannot write in the runs folder .*/file/runs \(Not a directory\): "
+                                        r"choose a writable run.root"):
+        lock_run(tmp_path / "file" / "runs", "x")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from app.module import MoELanguageModel, OptimConfig, clip_global_norm, moe_loss, warmup_cosine
+from app.module import MoELanguageModel, OptimConfig, clip_global_norm, global_grad_norm, moe_loss, warmup_cosine
+from app.trainer import EXIT_FAILED, TrainingStopped
 from moe import MoEConfig, RouterConfig, RoutingRecord, TransformerConfig
 
 
@@ -227,6 +228,102 @@ def test_configure_gradient_clipping_uses_the_trainer_value():
     untouched, _ = grads_after(lambda ps: module.configure_gradient_clipping(None, gradient_clip_val=None), module)
     for a, b in zip(untouched, unclipped):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate before the optimizer step: non-finite losses and gradients
+# ---------------------------------------------------------------------------------------------
+
+
+def trained_micro_batches(module: MoELanguageModel, count: int, *, global_step: int = 6) -> None:
+    """What Lightning does before an optimizer step: `count` training steps with their backward."""
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op=None: t),
+                                     global_step=global_step, global_rank=0, is_global_zero=True)
+    module.log = lambda *args, **kwargs: None  # Lightning's progress-bar logging needs a real loop
+    module.zero_grad()
+    torch.manual_seed(3)
+    for index in range(count):
+        batch = {"tokens": torch.randint(0, 32, (2, 9)), "index": torch.tensor(index)}
+        (module.training_step(batch, index)["loss"] / count).backward()
+
+
+def stop_message(module: MoELanguageModel) -> str:
+    with pytest.raises(TrainingStopped) as err:
+        module.on_before_optimizer_step(None)
+    assert err.value.exit_code == EXIT_FAILED and err.value.mlflow_status == "FAILED"
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_a_nan_router_weight_stops_the_step_naming_the_router_logits():
+    module = build_module()
+    with torch.no_grad():
+        module.model.layers[2].ffn.router.gate.weight[1, 3] = float("nan")
+    trained_micro_batches(module, 1)
+    assert stop_message(module) == (
+        "non-finite loss at step 7: first non-finite value in layers.2.ffn.router output logits_TE "
+        "(non-finite weights: layers.2.ffn.router.gate.weight); the weights were not updated")
+
+
+def test_an_inf_expert_weight_names_the_moe_layer_and_the_weight_and_the_micro_batch():
+    module = build_module()
+    with torch.no_grad():
+        module.model.layers[1].ffn.experts.w_in[0, 2, 5] = float("inf")
+    trained_micro_batches(module, 3)
+    # The experts run inside one autograd function, not as a module: the MoE layer's output is the
+    # first non-finite one, and its non-finite weight says why. Every micro-batch is non-finite.
+    assert stop_message(module) == (
+        "non-finite loss at step 7 (micro-batch 1 of 3): first non-finite value in layers.1.ffn output [0] "
+        "(non-finite weights: layers.1.ffn.experts.w_in); the weights were not updated")
+
+
+def test_a_non_finite_gradient_names_the_parameter_nearest_the_loss():
+    module = build_module()
+    trained_micro_batches(module, 2)
+    named = dict(module.model.named_parameters())
+    named["embed.weight"].grad[4, 1] = float("nan")
+    named["layers.1.attn.wq.weight"].grad[0, 0] = float("-inf")
+    assert stop_message(module) == (
+        f"non-finite gradient at step 7: 2 of {len(named)} parameters, the nearest the loss being "
+        "layers.1.attn.wq.weight; the weights were not updated")
+
+
+def test_under_a_grad_scaler_overflowing_gradients_are_left_to_it_but_a_nan_loss_is_not():
+    module = build_module()
+    trained_micro_batches(module, 1)
+    module.trainer.precision_plugin = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))  # 16-mixed
+    module.model.lm_head.weight.grad[0, 0] = float("inf")  # the scaler skips this step and lowers the scale
+    module.on_before_optimizer_step(None)  # nothing raised
+    with torch.no_grad():
+        module.model.layers[1].ffn.router.gate.weight[0, 0] = float("nan")
+    trained_micro_batches(module, 1)
+    module.trainer.precision_plugin = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    assert stop_message(module).startswith("non-finite loss at step 7: first non-finite value in layers.1.ffn.router")
+
+
+def test_finite_steps_pass_and_clipping_reuses_the_measured_norm():
+    module = build_module()
+    trained_micro_batches(module, 2)
+    expected = float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+    module.on_before_optimizer_step(None)  # nothing raised
+    assert module._grad_norm == pytest.approx(expected, rel=1e-6)
+    module.configure_gradient_clipping(None, gradient_clip_val=expected / 4)
+    after = float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+    assert after == pytest.approx(expected / 4, rel=1e-4)
+
+
+def test_huge_but_finite_gradients_are_measured_exactly_not_refused():
+    module = build_module()
+    trained_micro_batches(module, 1)
+    params = [p for p in module.parameters() if p.grad is not None]
+    for p in params:
+        p.grad.mul_(1e22)  # every square overflows float32; every value is finite
+    assert not torch.isfinite(global_grad_norm(params))
+    exact = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    module.on_before_optimizer_step(None)  # nothing raised: the gradients are finite
+    assert module._grad_norm == pytest.approx(exact, rel=1e-9)
+    module.configure_gradient_clipping(None, gradient_clip_val=1.0)
+    assert math.sqrt(sum(float(p.grad.double().square().sum()) for p in params)) == pytest.approx(1.0, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

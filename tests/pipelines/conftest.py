@@ -14,9 +14,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +133,73 @@ class Tracking:
         dst.mkdir(parents=True, exist_ok=True)
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=str(dst),
                                                         tracking_uri=self.uri))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1, its sqlite store and proxied artifacts in `folder`.
+
+    stop() ends its whole process group (uvicorn workers), politely or with SIGKILL; start() again
+    serves the same store on the same port, as a restarted server would.
+    """
+
+    STARTUP_S = 90  # measured ~20 s on a loaded 2-core machine
+
+    def __init__(self, folder: Path):
+        self.folder, self.port = folder, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        mlflow = Path(sys.executable).parent / "mlflow"
+        if not mlflow.exists():
+            pytest.skip(f"no mlflow executable next to {sys.executable}")
+        argv = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+                "--serve-artifacts", "--artifacts-destination", str(self.folder / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runners: starts faster
+        log = self.folder / "server.log"
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(argv, cwd=self.folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + self.STARTUP_S
+        while not self.healthy():
+            failed = "exited" if self.proc.poll() is not None else "timeout" if time.monotonic() > deadline else ""
+            if failed:
+                self.stop()
+                pytest.fail(f"mlflow server did not start ({failed} after at most {self.STARTUP_S} s):\n"
+                            f"{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """`sig` to the server's process group, then SIGKILL to whatever is left of it."""
+        if self.proc is None:
+            return
+        for s in (sig, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, s)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc.wait()
+        self.proc = None
 
 
 def tree_snapshot(*roots: Path) -> dict[str, tuple]:

@@ -7,20 +7,14 @@ for the server, the runs the server itself returns through `MlflowClient(uri)`.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.pipelines.conftest import EXPERIMENT, JobResult, TrainJob
+from tests.pipelines.conftest import EXPERIMENT, JobResult, MlflowServer, TrainJob
 
 # ---------------------------------------------------------------------------------------------
 # 1. The table, from runs made by hand
@@ -170,71 +164,19 @@ def test_compare_without_a_store_is_one_error_line_and_creates_no_database(train
 # ---------------------------------------------------------------------------------------------
 # 3. A real MLflow tracking server: a debug training and its evaluation, then compare
 
-SERVER_STARTUP_S = 90  # measured ~20 s on a loaded 2-core machine
 SERVED = ("trainer.max_steps=4", "trainer.val_every=2", "trainer.ckpt_every=2", "trainer.log_every=2",
           "eval.max_windows=4")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`mlflow server` on a free port, with sqlite and proxied artifacts in a tmp folder; the whole
-    process group (uvicorn workers) is stopped at the end, whatever happened."""
-    mlflow = Path(sys.executable).parent / "mlflow"
-    if not mlflow.exists():
-        pytest.skip(f"no mlflow executable next to {sys.executable}")
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    argv = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-            "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job runners: starts faster
-    uri = f"http://127.0.0.1:{port}"
-    with open(folder / "server.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + SERVER_STARTUP_S
-            while not _healthy(uri):
-                if proc.poll() is not None:
-                    pytest.fail(f"mlflow server exited ({proc.returncode}):\n{(folder / 'server.log').read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server not healthy after {SERVER_STARTUP_S} s:\n"
-                                f"{(folder / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-            yield uri
-        finally:
-            _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, then SIGKILL to whatever is left of it."""
+    """`mlflow server` on a free port (tests/pipelines/conftest.py: MlflowServer), stopped at the end
+    whatever happened."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        yield server.start().uri
+    finally:
+        server.stop()
 
 
 @dataclass

@@ -31,6 +31,9 @@ def test_yaml_then_overrides_win_and_siblings_survive(tmp_path):
         (["model.dim=100", "model.n_heads=3"], "not divisible by model.n_heads=3"),
         (["moe.capacity_factor=0"], "capacity_factor and moe.eval_capacity_factor must be > 0"),
         (["moe.capacity_factor=abc"], "'moe.capacity_factor'"),
+        (["model.dim=abc"], "could not be converted to Integer: e.g. model.dim=256 (the default)"),
+        (["moe.dropless=maybe"], "is not a valid bool (type str): e.g. moe.dropless=false (the default)"),
+        (["data.sources=5"], "list or tuple: e.g. data.sources=[sotu] (the default)"),
         (["moe.router.score_func=tanh"], "expected one of [softmax, sigmoid]"),
         (["moe.router.kind=expert_choice", "moe.dropless=true"], "set moe.dropless=false"),
         (["moe.router.random_second=true", "moe.router.top_k=1"], "needs router.top_k=2"),
@@ -49,7 +52,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("moe: [unclosed\n")
-    with pytest.raises(UserError, match="cannot parse"):
+    with pytest.raises(UserError, match=r"cannot parse .*broken\.yaml as YAML: .* at line 2, column 1: fix the file"):
         load_config(broken)
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")

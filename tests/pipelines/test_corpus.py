@@ -123,6 +123,36 @@ def test_non_utf8_bytes_are_replaced_counted_and_reported(tmp_path):
     assert [d.text for d in corpus.documents] == ["fine", "caf\ufffd d\ufffdj\ufffd \ufffd"]
 
 
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00"
+
+
+@pytest.mark.parametrize(
+    "name, raw, message",
+    [
+        ("image.png", PNG_HEADER, r"image\.png is not text \(it holds NUL bytes"),
+        ("utf16.txt", "Hello, world.\n".encode("utf-16"), r"utf16\.txt is UTF-16 text, not UTF-8: convert it, e\.g\. `iconv -f UTF-16 -t UTF-8 "),
+        ("utf32.txt", "Hello".encode("utf-32"), r"utf32\.txt is UTF-32 text, not UTF-8"),
+        ("utf16-no-bom.txt", "Hello".encode("utf-16-be"), "holds NUL bytes"),
+        # 17 Cyrillic letters, each one byte that is not UTF-8, among 23 bytes.
+        ("cp1251.txt", "Привет, мир! Это текст.".encode("cp1251"), r"cp1251\.txt is not UTF-8 text \(17 of its 23 bytes"),
+        ("random.txt", b"\xfd\xfe\xff a", r"random\.txt is not UTF-8 text \(3 of its 5 bytes"),
+    ],
+)
+def test_a_file_that_is_not_utf8_text_is_refused(tmp_path, name, raw, message):
+    write(tmp_path / "good.txt", "fine")
+    bad = write(tmp_path / name, raw)
+    with pytest.raises(UserError, match=message):
+        read_documents([str(tmp_path / "good.txt"), str(bad)])
+
+
+def test_half_undecodable_is_still_damaged_utf8_with_a_warning(tmp_path):
+    write(tmp_path / "a.txt", b"ab\xff\xfe")  # 2 of 4 bytes: not more than half
+    write(tmp_path / "b.txt", "b")
+    with pytest.warns(CorpusWarning, match=r"a\.txt: 2 byte"):
+        docs = read_documents([str(tmp_path)])
+    assert [d.text for d in docs] == ["ab\ufffd\ufffd", "b"]
+
+
 def test_empty_file_among_good_ones_is_skipped_with_a_warning(tmp_path):
     write(tmp_path / "a.txt", "text")
     empty = write(tmp_path / "b.txt", " \n\n")

@@ -1,12 +1,14 @@
 """Tokenizer training, token shards, meta.json and the cache: tiny corpora, a 300-token vocab."""
 
 import json
+import random
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, pre_tokenizers
 
 import pipelines.tokenize as tokenize
 from app.errors import UserError
@@ -186,3 +188,76 @@ def test_config_is_an_omegaconf_structured_config():
 
 def test_token_dtype_widens_past_65536_tokens():
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+
+
+# ---------------------------------------------------------------------------------------------
+# Long lines and long runs: linear time, bounded memory, the same ids
+
+
+def _runs_text(rng: random.Random, runs: int = 300) -> str:
+    """Runs of every length around MAX_RUN, of spaces (each Unicode kind) and of other characters,
+    including U+001C..U+001F, which Python's `\\s` counts as space and the tokenizer does not."""
+    spaces = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2005\u200a\u2028\u2029\u202f\u205f\u3000"
+    others = "abcXYZ0123.,!'-éß東🎉\x1c\x1f_"
+    parts = []
+    for _ in range(runs):
+        length = rng.choice([1, 1, 2, 3, 5, 255, 256, 257, 511, 512, 513, 700])
+        if rng.random() < 0.3:
+            parts.append("".join(rng.choices(spaces, k=min(length, rng.choice([1, 2, 300])))))
+        elif rng.random() < 0.5:
+            parts.append("".join(rng.choices(others, k=length)))
+        else:
+            parts.append(rng.choice(others) * length)
+        if rng.random() < 0.3:
+            parts.append(" ")
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def run_texts() -> list[str]:
+    rng = random.Random(0)
+    # Hand-made: a long space run ending in " " before a word of 230 to 255 characters (the space
+    # begins that word's token; 256 and more would make the word a run of its own).
+    tricky = "w " + " " * 299 + "b" * 240 + " c " + "\t" * 600 + " " + "d" * 230 + " e" + "f" * 1000 + " " + "g" * 255
+    return [_runs_text(rng) for _ in range(4)] + [tricky * 3]
+
+
+def test_pieces_encode_exactly_like_the_whole_text(run_texts, monkeypatch):
+    tokenizer = train_tokenizer([Document(str(i), t) for i, t in enumerate(run_texts)], 400)
+    for text in run_texts:
+        whole = tokenizer.encode(text).ids
+        for size in (1, 7, 300, 5000):  # 1 and 7: a cut at nearly every possible place
+            parts = list(tokenize.pieces(text, size))
+            assert "".join(parts) == text
+            assert [i for part in parts for i in tokenizer.encode(part).ids] == whole, f"size {size}"
+    monkeypatch.setattr(tokenize, "PIECE_CHARS", 100)
+    assert [tokenize.encode(tokenizer, text) for text in run_texts] == [tokenizer.encode(t).ids for t in run_texts]
+
+
+def test_training_on_pieces_learns_what_training_on_whole_documents_learns(run_texts, monkeypatch):
+    docs = [Document(str(i), t) for i, t in enumerate(run_texts)]
+    whole = train_tokenizer(docs, 400)  # every text is shorter than PIECE_CHARS: one piece each
+    monkeypatch.setattr(tokenize, "PIECE_CHARS", 50)
+    assert len(list(tokenize.pieces(run_texts[0]))) > 100
+    assert train_tokenizer(docs, 400).get_vocab() == whole.get_vocab()
+
+
+def test_ordinary_text_is_pre_tokenized_as_by_byte_level_alone():
+    tokenizer = train_tokenizer([Document(str(i), t) for i, t in enumerate(TEXTS)], 300)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    for text in [*TEXTS, " x" * 200 + "\n\n  " + "y" * 255 + " " * 255]:
+        assert tokenizer.pre_tokenizer.pre_tokenize_str(text) == byte_level.pre_tokenize_str(text)
+
+
+def test_a_megabyte_without_a_space_is_tokenized_in_seconds(tmp_path):
+    """Before runs were cut, BPE training took ~11 s on 100k characters of one repeated letter and
+    grew with the square of the length (1 MB: about 20 minutes)."""
+    rng = random.Random(0)
+    texts = ["".join(rng.choices("ACGT", k=1_000_000)), "a" * 1_000_000, " " * 300_000 + "end", *TEXTS]
+    make_corpus(tmp_path / "corpus", texts)
+    start = time.perf_counter()
+    data = prepare_data(config(tmp_path, val_fraction=0.1), progress=False)
+    assert time.perf_counter() - start < 60
+    tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
+    train = split_at(np.fromfile(data.train_path, dtype=np.uint16), data.meta["eos_id"])
+    assert [tokenizer.decode(ids) for ids in train] == texts[:-1]

@@ -2,8 +2,7 @@
 
 References are independent of the code under test: the uninterrupted run for a killed-and-resumed
 one, a fresh run's first losses for `run.resume=false`, a hand-written validation loop over the
-raw val.bin for the logged val/loss, the git repository for the commit tag, and sha256 snapshots of
-the working folder for "a bad input changes nothing".
+raw val.bin for the logged val/loss, and the git repository for the commit tag.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tests.pipelines.conftest import REPO, JobResult, TrainJob, Tracking, sha256, snapshot_diff, tree_snapshot
+from tests.pipelines.conftest import REPO, JobResult, TrainJob, Tracking, sha256
 
 # ---------------------------------------------------------------------------------------------
 # 1. One debug run, end to end
@@ -384,130 +381,7 @@ def test_an_empty_file_among_good_ones_is_skipped_with_a_warning(train_job: Trai
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Bad inputs: exit 2, one `error:` line, no traceback, nothing written
-
-
-@dataclass
-class BadInput:
-    message: str  # what the error line must contain
-    extra: tuple[str, ...] = ()  # overrides added to the e2e command
-    argv: tuple[str, ...] | None = None  # a whole command instead
-    setup: str = ""  # what the working folder needs first
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-BAD_INPUTS = {
-    "misspelt-key": BadInput("unknown config key 'moe.num_expert' (did you mean 'moe.num_experts'?)", ("moe.num_expert=3",)),
-    "top-k-above-experts": BadInput("top_k=5 exceeds moe.num_experts=4", ("moe.router.top_k=5",)),
-    "dim-not-divisible-by-heads": BadInput("model.dim=66 is not divisible by model.n_heads=4", ("model.dim=66",)),
-    "capacity-factor-zero": BadInput("capacity_factor", ("moe.capacity_factor=0",)),
-    "seq-len-above-max": BadInput("trainer.seq_len=128 exceeds model.max_seq_len=64", ("trainer.seq_len=128",)),
-    "run-name-escapes": BadInput("run.name='../escape'", ("run.name=../escape",)),
-    "missing-corpus": BadInput("does not exist", setup="missing-corpus"),
-    "empty-corpus": BadInput("corpus is empty", setup="empty-corpus"),
-    # The same run.name, another model.dim: the run's checkpoints cannot be resumed.
-    "checkpoint-of-another-shape": BadInput("model.dim=64 but the config says 128", ("model.dim=128",), setup="e2e-run"),
-    "checkpoint-of-another-shape-cold-cache": BadInput("model.dim=64 but the config says 128", ("model.dim=128",),
-                                                       setup="e2e-run-cold-cache"),
-    # runs/ without the MLflow store its run was logged to (mlflow.db deleted, or runs/ copied).
-    "checkpoint-from-another-mlflow-store": BadInput("", ("trainer.max_steps=14",), setup="e2e-run-no-store"),
-    "unreachable-tracking-server": BadInput("unreachable", setup="closed-port"),
-    "truncated-checkpoint": BadInput("cannot read checkpoint", argv=("train", "--resume", "truncated.ckpt"),
-                                     setup="truncated"),
-    "unknown-job": BadInput("unknown job 'trian'", argv=("trian", "conf/debug.yaml")),
-    "missing-config-file": BadInput("config file not found: no/such.yaml", argv=("train", "no/such.yaml")),
-}
-
-KNOWN_BUGS: dict = {}  # (check, case) -> reason, for a strict xfail
-
-
-def _cases(check: str) -> list:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[check, name]))
-            if (check, name) in KNOWN_BUGS else name for name in BAD_INPUTS]
-
-
-def _prepare(case: BadInput, cwd: Path, train_job: TrainJob, e2e: Run) -> list[str]:
-    """Set up the working folder of `case` and return its command's arguments."""
-    if case.argv is not None:
-        args = list(case.argv)
-    elif case.setup.startswith("e2e-run"):  # a run with checkpoints in cwd (and its token data)
-        shutil.copytree(e2e.cwd / "runs", cwd / "runs", symlinks=True)
-        cache = "data" if case.setup == "e2e-run-cold-cache" else None
-        args = train_job.debug_args(*E2E_OVERRIDES, *case.extra, cache_dir=cache)
-    else:  # everything else must fail before it needs token data: give it a cache in cwd
-        args = train_job.debug_args(*E2E_OVERRIDES, *case.extra, cache_dir="data")
-    if case.setup == "missing-corpus":
-        args.append(f'data.sources=["{cwd / "no-such-folder"}"]')
-    elif case.setup == "empty-corpus":
-        (cwd / "empty").mkdir()
-        for name in ("a.txt", "b.txt"):
-            (cwd / "empty" / name).write_text("")
-        args.append(f'data.sources=["{cwd / "empty"}"]')
-    elif case.setup == "closed-port":
-        args.append(f"tracking.uri=http://127.0.0.1:{_closed_port()}")
-    elif case.setup == "truncated":
-        whole = (e2e.checkpoints / "step-0000012.ckpt").read_bytes()
-        (cwd / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
-    return args
-
-
-@dataclass
-class BadRun:
-    result: JobResult
-    changes: list[str]
-
-
-@pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory, train_job: TrainJob, e2e: Run, data_cache: Path):
-    """Every bad input, two at a time (each is ~5 s of imports); a future per case."""
-
-    def one(name: str, case: BadInput) -> BadRun:
-        cwd = tmp_path_factory.mktemp(f"bad-{name}")
-        args = _prepare(case, cwd, train_job, e2e)
-        before = tree_snapshot(cwd, data_cache)
-        result = train_job.run(cwd, args, timeout=120)
-        return BadRun(result, snapshot_diff(before, tree_snapshot(cwd, data_cache)))
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures: dict[str, Future] = {name: pool.submit(one, name, case) for name, case in BAD_INPUTS.items()}
-        yield futures
-
-
-def _expected_message(name: str, e2e: Run) -> str:
-    if name == "checkpoint-from-another-mlflow-store":
-        return e2e.tracking.only_run().info.run_id  # the run the checkpoint belongs to
-    return BAD_INPUTS[name].message
-
-
-@pytest.mark.parametrize("name", _cases("exits-2"))
-def test_bad_input_exits_2_with_an_error_line_and_no_traceback(bad_runs, e2e: Run, name: str):
-    result = bad_runs[name].result().result
-    assert "Traceback" not in result.stderr, result.explain()
-    assert result.returncode == 2, result.explain()
-    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
-    assert last.startswith("error: "), result.explain()
-    assert _expected_message(name, e2e) in last, result.explain()
-    if name == "unreachable-tracking-server":  # refused at once, no retries before training starts
-        assert result.seconds < 30, result.explain()
-
-
-@pytest.mark.parametrize("name", _cases("writes-nothing"))
-def test_bad_input_changes_no_file(bad_runs, name: str):
-    run: BadRun = bad_runs[name].result()
-    assert run.result.returncode != 0, run.result.explain()
-    assert run.changes == [], f"the failed job changed files: {run.changes}{run.result.explain()}"
-
-
-@pytest.mark.parametrize("name", _cases("only-line"))
-def test_bad_input_error_is_the_only_line_on_stderr(bad_runs, name: str):
-    result = bad_runs[name].result().result
-    assert result.stderr.strip().startswith("error: "), result.explain()
-    assert len(result.stderr.strip().splitlines()) == 1, result.explain()
+# 6. `make train RESUME=<ckpt> ARGS=...` (bad inputs: tests/pipelines/test_bad_inputs.py)
 
 
 def test_make_train_resume_with_args_extends_the_run(e2e: Run, train_job: TrainJob, tmp_path):
