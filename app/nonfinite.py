@@ -16,13 +16,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moe.experts import local_shard
+
 
 def nonfinite_names(named: Iterable[tuple[str, Tensor | None]]) -> list[str]:
     """The names whose tensor holds a non-finite value on any rank, in the given order."""
     names, flags = [], []
     for name, tensor in named:
         names.append(name)
-        bad = tensor is not None and not bool(torch.isfinite(_local(tensor)).all())
+        bad = tensor is not None and not bool(torch.isfinite(local_shard(tensor)).all())
         flags.append(float(bad))
     if not names:
         return []
@@ -69,7 +71,7 @@ def _nonfinite_field(output: object, path: str = "") -> str | None:
     """'' if `output` is a non-finite tensor, the path of the first non-finite tensor inside a
     tuple, list, dict or dataclass (e.g. "[1].aux_loss", "logits_TE"), or None."""
     if isinstance(output, Tensor):
-        local = _local(output)
+        local = local_shard(output)
         return path.lstrip(".") if local.is_floating_point() and not bool(torch.isfinite(local).all()) else None
     if isinstance(output, (tuple, list)):
         items = ((f"{path}[{i}]", v) for i, v in enumerate(output))
@@ -85,9 +87,6 @@ def _nonfinite_field(output: object, path: str = "") -> str | None:
             return field
     return None
 
-
-def _local(tensor: Tensor) -> Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _distributed() -> bool:

@@ -91,16 +91,17 @@ class GroupedExperts(nn.Module):
     def _weights(self, x: Tensor, grad_scale: float) -> tuple[Tensor, Tensor]:
         """This rank's weights, with the gradient scale, in the compute dtype: the stacked weights
         are cast once per forward, not once per expert."""
-        w_in, w_out = _local(self.w_in), _local(self.w_out)
+        w_in, w_out = local_shard(self.w_in), local_shard(self.w_out)
         if grad_scale != 1.0:
             w_in, w_out = _ScaleGrad.apply(w_in, grad_scale), _ScaleGrad.apply(w_out, grad_scale)
         dtype = _compute_dtype(x, w_in)
         return w_in.to(dtype), w_out.to(dtype)
 
 
-def _local(w: Tensor) -> Tensor:
-    """This rank's shard of an expert weight (a DTensor under expert parallelism)."""
-    return w.to_local() if hasattr(w, "to_local") else w
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of a tensor that may be a DTensor (expert weights under expert parallelism,
+    any parameter under FSDP); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _compute_dtype(x: Tensor, w: Tensor) -> torch.dtype:

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from tokenizers import Tokenizer
 
 from app.checkpoint import latest_checkpoint, load_weights, read_checkpoint
 from app.data import token_byte_lengths
-from app.errors import UserError
+from app.errors import UserError, say
 from app.evaluation import Evaluation, evaluate, top_tokens
 from app.plots import curves_plot, load_heatmap
 from app.tracking import check_store, tracking_uri
@@ -77,15 +76,16 @@ def _trained(label: str, config: ExperimentConfig, which: str, recipe: str, clie
     if which and not Path(which).exists():
         config.run.name = which  # a run name: train it under that name when it is missing
     checkpoint = _find_checkpoint(which, config, recipe)
-    if checkpoint is None or _unfinished(checkpoint, config):
+    raw = None if checkpoint is None else read_checkpoint(checkpoint)
+    if raw is None or int(raw.get("global_step", 0)) < config.trainer.max_steps:  # missing or unfinished
         if which and Path(which).exists():
             raise UserError(f"eval.{label}={which} is not a finished run: finish it with make train first")
-        _say(f"the {label} model {config.run.name or default_run_name(config, recipe)} is not trained yet: training it now")
+        say(f"the {label} model {config.run.name or default_run_name(config, recipe)} is not trained yet: training it now")
         train(config, recipe=recipe)
         checkpoint = _find_checkpoint(which, config, recipe)
-    if checkpoint is None:
-        raise UserError(f"no checkpoint for the {label} model after training it: see runs/{config.run.name}")
-    raw = read_checkpoint(checkpoint)
+        if checkpoint is None:
+            raise UserError(f"no checkpoint for the {label} model after training it: see runs/{config.run.name}")
+        raw = read_checkpoint(checkpoint)
     saved = config_from_yaml(raw["experiment_config"])
     run_id = raw.get("mlflow_run_id")
     history, wall = _training_history(client, run_id)
@@ -103,10 +103,6 @@ def _find_checkpoint(which: str, config: ExperimentConfig, recipe: str) -> Path 
         for run_dir in sorted(Path(config.run.root).glob(f"*-{suffix}")):
             found = found or latest_checkpoint(run_dir / "checkpoints")
     return found
-
-
-def _unfinished(checkpoint: Path, config: ExperimentConfig) -> bool:
-    return int(read_checkpoint(checkpoint).get("global_step", 0)) < config.trainer.max_steps
 
 
 def _training_history(client: MlflowClient, run_id: str | None) -> tuple[dict, float]:
@@ -143,7 +139,7 @@ def _score(trained: Trained, sources: dict[str, np.ndarray], config: ExperimentC
     model = Transformer(trained.config.model, trained.config.moe)
     load_weights(trained.checkpoint, model)
     data = prepare_data(trained.config.data, progress=False)
-    _say(f"evaluating {trained.label}: {trained.checkpoint}")
+    say(f"evaluating {trained.label}: {trained.checkpoint}")
     return evaluate(model, sources, token_byte_lengths(data.tokenizer_path), seq_len=trained.config.trainer.seq_len,
                     batch_size=config.eval.batch_size, max_windows=config.eval.max_windows or None)
 
@@ -223,7 +219,7 @@ def _log_eval_runs(client, config, moe: Trained, dense: Trained, results, table:
             for path in _artifacts(Path(tmp), trained, moe, dense, result, table, tokenizer, config.eval.top_tokens):
                 client.log_artifact(run.info.run_id, str(path))
         client.set_terminated(run.info.run_id)
-        _say(f"MLflow evaluation run {run.info.run_id} ({tags['mlflow.runName']})")
+        say(f"MLflow evaluation run {run.info.run_id} ({tags['mlflow.runName']})")
 
 
 def _eval_metrics(trained: Trained, result: Evaluation, gain: dict) -> dict[str, float]:
@@ -300,9 +296,6 @@ def specialisation_markdown(table: dict, share_LES: np.ndarray, names: list[str]
         lines.append("")
     return "\n".join(lines)
 
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -13,30 +13,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from app.callbacks import Checkpointing, Interrupt, MoEMetrics, StepMetrics
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from app.callbacks import Checkpointing, Interrupt, MoEMetrics, StepMetrics
 from app.checkpoint import checkpoint_config, file_to_distributed, latest_checkpoint, read_checkpoint
 from app.data import Shards, TokenDataModule, token_byte_lengths, unigram_loss
-from app.errors import UserError
-from app.module import MoELanguageModel
+from app.errors import UserError, say
 from app.evaluation import EvalConfig
+from app.module import MoELanguageModel
 from app.parallel import ParallelConfig, build_strategy, needs_model_parallel
 from app.perf import choose_precision, matmul_flops, precision_dtype
 from app.plots import expert_load_plot
 from app.run_lock import lock_run
-from app.tracking import PENDING_FILE, check_store, git_commit, make_logger, tracking_uri
+from app.tracked_logger import make_logger
+from app.tracking import PENDING_FILE, TrackingConfig, check_store, git_commit, tracking_uri
 from app.trainer import EXIT_INTERRUPTED, TrainingStopped, build_trainer
 from moe import ModelKind, model_stats
-from app.tracking import TrackingConfig
 from pipelines.cli import config_parser, split_config_arg
 from pipelines.config import ExperimentConfig, RunConfig, config_from_yaml, load_config, to_flat_dict, to_yaml
 from pipelines.tokenize import TokenData, prepare_data
@@ -70,7 +68,7 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
         raise UserError(f"checkpoint {plan.resume_from} was trained with a {plan.saved.model.vocab_size}-token "
                         f"vocabulary, this data gives {config.model.vocab_size}: resume with the run's data settings")
     precision = _precision(config, plan)
-    _say(f"run {config.run.name}: {plan.dir}" + (f", resuming from {plan.resume_from}" if plan.resume_from else ""))
+    say(f"run {config.run.name}: {plan.dir}" + (f", resuming from {plan.resume_from}" if plan.resume_from else ""))
     module, datamodule = _build(config, data)
     logger = _logger(config, plan, recipe) if config.tracking.enabled else None
     stats = model_stats(config.model, config.moe)
@@ -102,7 +100,7 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
     except TrainingStopped as stop:  # non-finite values, a checkpoint that cannot be written, Ctrl-C
         stop.end_run(logger, latest_checkpoint(plan.checkpoints))
         if logger is not None and (notice := logger.flush_pending()):  # the tracking server went away
-            _say(notice)
+            say(notice)
         raise
     if trainer.global_step % config.trainer.val_every:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -111,7 +109,7 @@ def train(config: ExperimentConfig, *, recipe: str = "", resume: Path | None = N
             _log_artifacts(logger, plan, config, data, moe_metrics)
         _summary(plan, module, trainer, logger, baseline)
         if logger is not None and (notice := logger.flush_pending()):  # the tracking server went away
-            _say(notice)
+            say(notice)
     return plan
 
 
@@ -178,7 +176,7 @@ def _archive(run_dir: Path) -> None:
     """run.resume=false on a run with checkpoints: keep the old run under a dated name."""
     archived = run_dir.with_name(f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(archived)
-    _say(f"run.resume=false: the previous run is kept in {archived}; starting afresh")
+    say(f"run.resume=false: the previous run is kept in {archived}; starting afresh")
 
 
 def _check_same_model(config: ExperimentConfig, saved: ExperimentConfig, checkpoint: Path) -> None:
@@ -212,7 +210,7 @@ def _as_distributed(plan: RunPlan, config: ExperimentConfig, data: TokenData) ->
     out = plan.checkpoints / "converted" / plan.resume_from.name
     out.parent.mkdir(parents=True, exist_ok=True)
     module, _ = _build(dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, ep=1)), data)
-    _say(f"converting {plan.resume_from} to a distributed checkpoint: {out}")
+    say(f"converting {plan.resume_from} to a distributed checkpoint: {out}")
     return file_to_distributed(plan.resume_from, module, out)
 
 
@@ -221,17 +219,20 @@ def _precision(config: ExperimentConfig, plan: RunPlan) -> str:
         config.trainer.precision = plan.saved.trainer.precision  # resume exactly as the run started
     if config.trainer.precision != "auto":
         return config.trainer.precision
-    device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
-    config.trainer.precision = choose_precision(device)  # recorded in the run's config
-    _say(f"trainer.precision=auto -> {config.trainer.precision} (measured on this machine)")
+    config.trainer.precision = choose_precision(_device(config))  # recorded in the run's config
+    say(f"trainer.precision=auto -> {config.trainer.precision} (measured on this machine)")
     return config.trainer.precision
 
 
 def _peak(config: ExperimentConfig, precision: str) -> float:
     if config.trainer.peak_tflops:
         return config.trainer.peak_tflops * 1e12
-    device = torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
-    return matmul_flops(precision_dtype(precision), device)
+    return matmul_flops(precision_dtype(precision), _device(config))
+
+
+def _device(config: ExperimentConfig) -> torch.device:
+    """The device the run trains on (what precision and peak are measured on)."""
+    return torch.device("cuda" if torch.cuda.is_available() and config.trainer.accelerator != "cpu" else "cpu")
 
 
 def _build(config: ExperimentConfig, data: TokenData) -> tuple[MoELanguageModel, TokenDataModule]:
@@ -297,7 +298,7 @@ def _log_artifacts(logger, plan: RunPlan, config: ExperimentConfig, data: TokenD
     try:
         logger.log_artifact(final, "checkpoints" if final.is_file() else f"checkpoints/{final.name}")
     except OSError as err:  # e.g. a resumed run logged a different checkpoint under this name
-        _say(f"warning: the final checkpoint was not copied to MLflow ({err}); its path is the tag final_checkpoint")
+        say(f"warning: the final checkpoint was not copied to MLflow ({err}); its path is the tag final_checkpoint")
 
 
 def _summary(plan: RunPlan, module: MoELanguageModel, trainer, logger, baseline: float) -> None:
@@ -308,11 +309,8 @@ def _summary(plan: RunPlan, module: MoELanguageModel, trainer, logger, baseline:
                      f"ppl {val['val/ppl']:.1f}, bits/byte {val['val/bits_per_byte']:.3f}")
     if logger is not None:
         lines.append(f"MLflow run {logger.run_id} in experiment '{logger._experiment_name}': see it with `make ui`")
-    _say("\n".join(lines))
+    say("\n".join(lines))
 
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -338,5 +336,5 @@ def stopped(stop: TrainingStopped) -> int:
         # Exit 0: Lightning's launcher kills the main process as soon as a child exits non-zero,
         # which could cut rank 0 short while it marks the MLflow run.
         return 0
-    _say(f"{'' if stop.exit_code == EXIT_INTERRUPTED else 'error: '}{stop}")
+    say(f"{'' if stop.exit_code == EXIT_INTERRUPTED else 'error: '}{stop}")
     return stop.exit_code

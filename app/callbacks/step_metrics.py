@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from moe.experts import local_shard
+
 
 class StepMetrics(L.Callback):
     def __init__(self, *, log_every: int, tokens_per_micro_batch: int, flops_per_token: float, peak_flops: float):
@@ -60,13 +62,10 @@ class StepMetrics(L.Callback):
 def param_optim_megabytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
     """Parameters plus optimizer state held by this rank (local shards only), in MiB; the largest
     over all ranks. FSDP and expert parallelism exist to shrink exactly this."""
-    local = [_local(p) for p in module.parameters()]
-    local += [_local(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    local = [local_shard(p) for p in module.parameters()]
+    local += [local_shard(v) for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
     total = torch.tensor(float(sum(t.numel() * t.element_size() for t in local)))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
     return float(total) / 2**20
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t

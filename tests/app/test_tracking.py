@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
+import app.tracked_logger as tracked_logger
 import app.tracking as tracking
 from app.errors import UserError
-from app.tracking import (PENDING_FILE, TrackingConfig, check_store, fail_fast, git_commit, keep, make_logger,
+from app.tracked_logger import make_logger
+from app.tracking import (PENDING_FILE, TrackingConfig, check_store, fail_fast, git_commit, keep,
                           read_pending, tracking_uri, unavailable, upload_pending)
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def test_non_http_server_is_a_user_error(not_http):
 @pytest.fixture
 def made(monkeypatch):
     calls = []
-    monkeypatch.setattr(tracking, "TrackedLogger", lambda **kwargs: calls.append(kwargs) or kwargs)
+    monkeypatch.setattr(tracked_logger, "TrackedLogger", lambda **kwargs: calls.append(kwargs) or kwargs)
     return calls
 
 
