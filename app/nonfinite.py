@@ -88,7 +88,6 @@ def _nonfinite_field(output: object, path: str = "") -> str | None:
     return None
 
 
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

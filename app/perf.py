@@ -7,8 +7,13 @@ import time
 import torch
 
 
-def matmul_flops(dtype: torch.dtype, device: torch.device, *, size: int = 1024, seconds: float = 0.3) -> float:
-    """Sustained FLOP/s of square `size` matrix products in `dtype` (best of a short burst)."""
+def matmul_flops(dtype: torch.dtype, device: torch.device, *, size: int = 1024, seconds: float = 1.0) -> float:
+    """Sustained FLOP/s of square `size` matrix products in `dtype`: the best burst of `seconds`.
+
+    NOTE: a core that was idle can take a few hundred ms to run at full speed (measured on this VM:
+    a 0.3 s burst right after 2 s of sleep once gave 200 GFLOP/s against 320), and a low peak
+    inflates MFU (a default run once logged 100%); the later bursts of a longer window are warm.
+    """
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = 0.0

@@ -26,7 +26,7 @@ def lock_run(root: Path, name: str) -> None:
     """
     if any(os.environ.get(var, "0") != "0" for var in _RANK_VARIABLES):
         return
-    path = root / f".{name}.lock"
+    path = lock_file(root, name)
     if path.absolute() in _held:
         return
     created = [p for p in (root, *root.parents) if not p.exists()]
@@ -50,6 +50,11 @@ def lock_run(root: Path, name: str) -> None:
     os.write(fd, f"{os.getpid()}\n".encode())
     _held.add(path.absolute())
     atexit.register(_unlock, fd, path, created)
+
+
+def lock_file(root: Path, name: str) -> Path:
+    """The lock of run `name` under `root`: beside the run's folder, not in it."""
+    return root / f".{name}.lock"
 
 
 def _same_file(fd: int, path: Path) -> bool:

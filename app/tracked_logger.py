@@ -33,7 +33,6 @@ def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], 
     )
 
 
-
 class TrackedLogger(MLFlowLogger):
     """Lightning's MLFlowLogger that drops replayed steps of a continued run and, given a `pending`
     file, keeps what an unreachable store cannot take instead of failing the run.

@@ -149,7 +149,6 @@ def metric_key(key: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_/. -]+", "", key)  # the characters MLflow allows, as Lightning does
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Records: sending one, and sending a pending file without duplicating steps
 

@@ -297,7 +297,6 @@ def specialisation_markdown(table: dict, share_LES: np.ndarray, names: list[str]
     return "\n".join(lines)
 
 
-
 def main(argv: list[str]) -> int:
     args = config_parser("python -m pipelines eval", __doc__.splitlines()[0]).parse_args(argv)
     path, overrides = split_config_arg(args)

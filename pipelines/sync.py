@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from app.errors import UserError
+from app.run_lock import lock_file
 from app.tracking import PENDING_FILE, check_store, read_pending, upload_pending
 from pipelines.cli import ArgumentParser
 from pipelines.config import RunConfig
@@ -33,8 +34,8 @@ def run_folder(run: str) -> Path:
 
 def refuse_while_training(folder: Path) -> None:
     """A training still running appends to the file (and sends it itself once the server answers):
-    sync only after it ended. Its lock is app/run_lock.py's `.<name>.lock` beside the run folder."""
-    lock = folder.parent / f".{folder.name}.lock"
+    sync only after it ended."""
+    lock = lock_file(folder.parent, folder.name)
     try:
         fd = os.open(lock, os.O_RDONLY)
     except FileNotFoundError:

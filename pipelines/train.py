@@ -312,7 +312,6 @@ def _summary(plan: RunPlan, module: MoELanguageModel, trainer, logger, baseline:
     say("\n".join(lines))
 
 
-
 def main(argv: list[str]) -> int:
     parser = config_parser("python -m pipelines train", __doc__.splitlines()[0])
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume (its config is used)")

@@ -268,9 +268,9 @@ def test_killed_and_resumed_run_logs_exactly_what_the_uninterrupted_run_logs(kil
     a, b = _a_and_b(kill_resume, key)
     assert sorted(a) == list(range(1, KILL_STEPS + 1))  # log_every=1
     assert sorted(b) == sorted(a)
-    # Steps between the checkpoint and the kill are logged twice: both values must be A's.
-    mismatches = {s: (a[s], b[s]) for s in a if any(v != a[s][-1] for v in b[s])}
-    assert not mismatches, f"{key}: step -> (A, B) differ: {mismatches}"
+    # The steps between the checkpoint and the kill were replayed, but each is logged once, with A's value.
+    mismatches = {s: (a[s], b[s]) for s in a if b[s] != a[s]}
+    assert not mismatches, f"{key}: step -> (A, B) differ or repeat: {mismatches}"
 
 
 @pytest.mark.parametrize("key", ["val/loss", "val/ppl", "val/bits_per_byte"])
