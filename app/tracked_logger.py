@@ -15,8 +15,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from app.errors import say
-from app.tracking import (TrackingConfig, fail_fast, keep, logged_steps, metric_key, reason, send, tracking_uri,
-                          unavailable, upload_pending)
+from app.tracking import (TrackingConfig, fail_fast, keep, logged_steps, metric_key, reason, send, sqlite_file,
+                          tracking_uri, unavailable, upload_pending)
 
 
 def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], run_id: str | None,
@@ -24,9 +24,8 @@ def make_logger(config: TrackingConfig, *, run_name: str, tags: dict[str, str], 
     """A logger on the configured store; `run_id` continues an existing run. With `pending` (a file in
     the run folder), records the store cannot take are kept there instead of stopping training."""
     uri = tracking_uri(config)
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    database = sqlite_file(uri)
+    artifacts = None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
     return TrackedLogger(
         experiment_name=config.experiment, run_name=run_name, tracking_uri=uri,
         tags=tags, artifact_location=artifacts, run_id=run_id, pending=pending, retry_every_s=config.retry_every_s,

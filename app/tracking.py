@@ -54,14 +54,27 @@ def tracking_uri(config: TrackingConfig) -> str:
 
 
 _START_SERVER = "start it, or set tracking.uri (empty = the local sqlite store)"
+_SQLITE = "sqlite:///"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store; None for any other store."""
+    return Path(uri[len(_SQLITE):]) if uri.startswith(_SQLITE) else None
+
+
+def missing_database(uri: str) -> bool:
+    """A sqlite store whose file does not exist: a client would create an empty one, so a job that
+    only reads runs must not open it."""
+    database = sqlite_file(uri)
+    return database is not None and not database.is_file()
 
 
 def check_store(uri: str, *, unreachable_fix: str = _START_SERVER) -> None:
     """Fail before training, not at the first log call, when the store cannot work."""
     if uri.startswith(("http://", "https://")):
         _check_server(uri, unreachable_fix)
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+    elif (database := sqlite_file(uri)) is not None:
+        folder = database.parent
         if not folder.is_dir():
             raise UserError(f"the folder of the MLflow database {uri} does not exist: create {folder} or change tracking.uri")
     elif uri.startswith("file:") or "://" not in uri:

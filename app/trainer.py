@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import Strategy
@@ -28,6 +29,13 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def on_any_rank(trainer: L.Trainer, flag: bool) -> bool:
+    """Whether `flag` holds on any rank. A collective: every rank calls it at the same point, so all
+    of them take the same decision (stop, or not) and none waits in a collective for another."""
+    count = torch.tensor(float(flag), device=trainer.strategy.root_device)
+    return bool(trainer.strategy.reduce(count, reduce_op="sum") > 0)
 
 
 class TrainingStopped(Exception):

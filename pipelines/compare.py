@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from app.errors import UserError
 from app.plots import curves_plot
-from app.tracking import TrackingConfig, check_store, tracking_uri
+from app.tracking import TrackingConfig, check_store, missing_database, tracking_uri
 from pipelines.cli import ArgumentParser
 
 COLUMNS = [  # header, where the value comes from
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     uri = tracking_uri(TrackingConfig(uri=args.tracking_uri))
     check_store(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if missing_database(uri):
         raise UserError(f"no MLflow store at {uri}: train a run first (make train) or pass --tracking-uri")
     client = MlflowClient(uri)
     try:

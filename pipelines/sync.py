@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.errors import UserError
 from app.run_lock import lock_file
-from app.tracking import PENDING_FILE, check_store, read_pending, upload_pending
+from app.tracking import PENDING_FILE, check_store, missing_database, read_pending, upload_pending
 from pipelines.cli import ArgumentParser
 from pipelines.config import RunConfig
 
@@ -61,7 +61,7 @@ def sync(folder: Path, uri: str = "") -> str:
             raise UserError(f"{info} is missing: pass the tracking store with --tracking-uri")
         uri = json.loads(info.read_text()).get("tracking_uri", "")
     check_store(uri, unreachable_fix=f"start it and sync again (the records stay in {pending}), or pass --tracking-uri")
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # MLflow would create it
+    if missing_database(uri):
         raise UserError(f"no MLflow store at {uri}: pass the store the run was logged to with --tracking-uri")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

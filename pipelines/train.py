@@ -32,7 +32,7 @@ from app.perf import choose_precision, matmul_flops, precision_dtype
 from app.plots import expert_load_plot
 from app.run_lock import lock_run
 from app.tracked_logger import make_logger
-from app.tracking import PENDING_FILE, TrackingConfig, check_store, git_commit, tracking_uri
+from app.tracking import PENDING_FILE, TrackingConfig, check_store, git_commit, missing_database, tracking_uri
 from app.trainer import EXIT_INTERRUPTED, TrainingStopped, build_trainer
 from moe import ModelKind, model_stats
 from pipelines.cli import config_parser, split_config_arg
@@ -144,7 +144,7 @@ def _check_tracked_run(config: ExperimentConfig, plan: RunPlan) -> None:
         plan.mlflow_run_id = None
         return
     uri = tracking_uri(config.tracking)
-    found = not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()  # do not create a db
+    found = not missing_database(uri)
     if found:
         try:
             MlflowClient(uri).get_run(plan.mlflow_run_id)

@@ -17,14 +17,13 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.api import CheckpointException
 
 from app.callbacks.interrupt import Interrupt
 from app.checkpoint import LAST, checkpoint_name, latest_checkpoint, list_checkpoints
 from app.nonfinite import nonfinite_names
-from app.trainer import EXIT_INTERRUPTED, TrainingStopped
+from app.trainer import EXIT_INTERRUPTED, TrainingStopped, on_any_rank
 
 _ADVICE = {  # what to do about the write errors a user can fix
     errno.ENOSPC: ": free space or set trainer.keep_checkpoints lower",
@@ -87,7 +86,7 @@ class Checkpointing(L.Callback):
         # A distributed checkpoint is a folder every rank writes into: write it under a temporary
         # name, then rename it once all ranks are done (a file is renamed by AtomicCheckpointIO).
         error = _write(trainer, _folder_tmp(path) if distributed else path)
-        if _failed_on_any_rank(trainer, error):  # also the barrier before the rename
+        if on_any_rank(trainer, error is not None):  # also the barrier before the rename
             raise self._write_failed(trainer, path, error)
         if trainer.is_global_zero:
             if distributed:
@@ -134,12 +133,6 @@ def _refuse_nonfinite_weights(trainer: L.Trainer, step: int) -> None:
     if bad:
         raise TrainingStopped(f"non-finite weights at step {step} (first: {bad[0]}): not checkpointed",
                               rank_zero=trainer.is_global_zero, name_last_checkpoint=True)
-
-
-def _failed_on_any_rank(trainer: L.Trainer, error: BaseException | None) -> bool:
-    """A collective: whether any rank's write failed (every rank then stops, none waits for another)."""
-    failed = torch.tensor(0.0 if error is None else 1.0, device=trainer.strategy.root_device)
-    return bool(trainer.strategy.reduce(failed, reduce_op="sum") > 0)
 
 
 def _os_error(err: BaseException) -> OSError | None:

@@ -17,9 +17,8 @@ import signal
 import threading
 
 import lightning as L
-import torch
 
-from app.trainer import EXIT_INTERRUPTED, TrainingStopped
+from app.trainer import EXIT_INTERRUPTED, TrainingStopped, on_any_rank
 
 
 class Interrupt(L.Callback):
@@ -39,8 +38,7 @@ class Interrupt(L.Callback):
 
     def requested(self, trainer: L.Trainer) -> bool:
         """Whether any rank got Ctrl-C. A collective: every rank calls it at the same point."""
-        flag = torch.tensor(float(self._signals > 0), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+        return on_any_rank(trainer, self._signals > 0)
 
     def _on_sigint(self, signum, frame) -> None:
         self._signals += 1
