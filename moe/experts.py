@@ -14,12 +14,15 @@ showed these costs besides the matrix products (see README, Performance):
   about 0.4 ms per MB (as much as a matrix product over it). `loop` works expert by expert, so an
   expert's activations are small, hot in cache, and their memory is recycled.
 - [T*K, D] copies: `combine_tokens` gathers each expert's tokens, runs it and scatter-adds its
-  weighted output, expert by expert, never materialising all T*K rows at once.
+  weighted output, expert by expert, never materialising all T*K rows at once. Its gathers and
+  products write into one buffer reused by every expert (`_Workspace`).
+- activation memory: each expert keeps only its pre-activation h [m, 2F] for the backward, which
+  gathers the rows again and recomputes the rest (a MoE layer keeps about half the activations of
+  the dense FFN with the same active FLOPs; see README, Performance).
 """
 
 from __future__ import annotations
 
-import itertools
 from enum import Enum
 
 import torch
@@ -61,10 +64,12 @@ class GroupedExperts(nn.Module):
     forward(x_SD, counts_E) runs expert e on rows counts_E[:e].sum() .. counts_E[:e+1].sum().
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, impl: ExpertImpl = ExpertImpl.loop):
+    def __init__(self, num_experts: int, dim: int, hidden: int, impl: ExpertImpl = ExpertImpl.loop,
+                 recompute: bool = False):
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
         self.impl = ExpertImpl(impl)
+        self.recompute = recompute  # keep only h for the backward, recompute silu and SwiGLU there
         if self.impl == ExpertImpl.grouped_mm and (dim % 8 or hidden % 8):
             # grouped_mm needs 16-byte aligned rows (8 bf16 values).
             raise ValueError(f"expert_impl=grouped_mm needs dim and expert_hidden divisible by 8, got {dim}, {hidden}")
@@ -80,13 +85,13 @@ class GroupedExperts(nn.Module):
         """`grad_scale` multiplies the weights' gradient: under expert parallelism every ep rank's
         tokens contribute to it, and 1/ep turns that sum into the mean the other parameters get."""
         w_in, w_out = self._weights(x_SD, grad_scale)
-        return _Experts.apply(x_SD, None, w_in, w_out, None, counts_E, self.impl)
+        return _Experts.apply(x_SD, None, w_in, w_out, None, counts_E, self.impl, self.recompute)
 
     def combine_tokens(self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_E: Tensor) -> Tensor:
         """out_t = sum over the slots s of token t of weight_S[s] * expert(s)(x_t), slots sorted by
         expert: gather, experts and combine in one. Sums in float32 (or wider)."""
         w_in, w_out = self._weights(x_TD, 1.0)
-        return _Experts.apply(x_TD, weight_S, w_in, w_out, token_S, counts_E, self.impl)
+        return _Experts.apply(x_TD, weight_S, w_in, w_out, token_S, counts_E, self.impl, self.recompute)
 
     def _weights(self, x: Tensor, grad_scale: float) -> tuple[Tensor, Tensor]:
         """This rank's weights, with the gradient scale, in the compute dtype: the stacked weights
@@ -120,55 +125,69 @@ class _Experts(torch.autograd.Function):
     order, and the output is y_SD. The weights arrive in the compute dtype; x is cast here (T rows
     rather than T*K), and combine mode sums out and d(x) in float32 (or wider).
 
+    Each expert keeps its pre-activation h [m, 2F], silu(gate) and SwiGLU's output a [m, F] for the
+    backward, as the dense SwiGLU does; with `recompute`, only h, and the backward recomputes the
+    other two (two elementwise passes per expert). The gathered [T*K, D] input rows are never kept:
+    the backward gathers them again.
+
     NOTE: gathering, running and scatter-adding one expert at a time keeps its rows hot in cache
     from one step to the next; measured on 2 cores, that beats gathering many experts' rows at
     once (fewer, larger operations) by 10 to 20% at 64 experts.
     """
 
     @staticmethod
-    def forward(ctx, x, weight_S, w_in_ED2F, w_out_EFD, token_S, counts_E, impl: ExpertImpl) -> Tensor:
+    def forward(ctx, x, weight_S, w_in_ED2F, w_out_EFD, token_S, counts_E, impl: ExpertImpl, recompute: bool) -> Tensor:
         plan, combined = _Plan(counts_E, impl), token_S is not None
         xc = x.to(w_in_ED2F.dtype)
         acc_dtype = _acc_dtype(x.dtype, weight_S) if combined else xc.dtype
         new = xc.new_zeros if combined else xc.new_empty  # tokens get sums; slots are all written
         out = new(x.shape[0], w_out_EFD.shape[-1], dtype=acc_dtype)
+        space = _Workspace(plan, xc, acc_dtype)
         saved = []
         with torch.autocast(x.device.type, enabled=False):  # nothing to cast; `out=` products refuse autocast
-            for e, rows in plan.parts:
-                x_mD = xc.index_select(0, token_S[rows]) if combined else xc[rows]
-                group = plan.group(e, w_in_ED2F, w_out_EFD, None if weight_S is None else weight_S[rows])
-                y_mD = group.forward(x_mD, None if combined else out[rows])
+            for x_mD, token_m, weight_m, w_in, w_out, out_mD in zip(
+                plan.rows(None if combined else xc), plan.rows(token_S), plan.rows(weight_S),
+                plan.experts(w_in_ED2F), plan.experts(w_out_EFD), plan.rows(None if combined else out),
+            ):
                 if combined:
-                    out.index_add_(0, token_S[rows], y_mD.to(acc_dtype))
-                saved += [x_mD, *group.saved()]
-        ctx.plan, ctx.x_dtype = plan, x.dtype
-        ctx.save_for_backward(weight_S, w_in_ED2F, w_out_EFD, token_S, *saved)
+                    x_mD = torch.index_select(xc, 0, token_m, out=space.x(token_m))
+                y_mD, kept = _Group(plan.products, w_in, w_out, weight_m).forward(
+                    x_mD, space.y(token_m) if combined else out_mD, recompute)
+                if combined:
+                    out.index_add_(0, token_m, space.acc(y_mD))
+                saved += kept
+        ctx.plan, ctx.x_dtype, ctx.kept = plan, x.dtype, 1 if recompute else 3
+        ctx.save_for_backward(xc, weight_S, w_in_ED2F, w_out_EFD, token_S, *saved)
         return out.to(torch.promote_types(x.dtype, weight_S.dtype)) if combined else out
 
     @staticmethod
     @once_differentiable  # writes into buffers with `out=`: no graph of the backward
     def backward(ctx, dout: Tensor):
-        weight_S, w_in_ED2F, w_out_EFD, token_S, *saved = ctx.saved_tensors
-        plan, combined = ctx.plan, token_S is not None
+        xc, weight_S, w_in_ED2F, w_out_EFD, token_S, *saved = ctx.saved_tensors
+        plan, combined, n = ctx.plan, token_S is not None, ctx.kept
         dout = dout.contiguous()  # e.g. stride 0 from `.sum()`: grouped_mm refuses those
-        acc_dtype = _acc_dtype(ctx.x_dtype, weight_S) if combined else w_in_ED2F.dtype
-        dx = dout.new_zeros(dout.shape[0], w_in_ED2F.shape[-2], dtype=acc_dtype)
+        acc_dtype = _acc_dtype(ctx.x_dtype, weight_S) if combined else xc.dtype
+        dx = dout.new_zeros(dout.shape[0], xc.shape[-1], dtype=acc_dtype)
         dweight_S = None if weight_S is None else torch.empty_like(weight_S)
         dw_in, dw_out = (torch.empty_like(w_in_ED2F), torch.empty_like(w_out_EFD)) if plan.loop else (None, None)
+        space = _Workspace(plan, xc, acc_dtype, dout)
         with torch.autocast(dout.device.type, enabled=False):
-            for i, (e, rows) in enumerate(plan.parts):
-                group = plan.group(e, w_in_ED2F, w_out_EFD, None if weight_S is None else weight_S[rows])
-                x_mD = group.restore(saved[5 * i : 5 * i + 5])
-                dout_mD = dout.index_select(0, token_S[rows]) if combined else dout[rows]
-                dx_mD, dweight_m = group.backward(dout_mD, x_mD, None if combined else dx[rows],
-                                                  *plan.grad_slots(dw_in, dw_out, e))
+            for kept, x_mD, dout_mD, token_m, weight_m, dweight_m, w_in, w_out, dw_in_e, dw_out_e, dx_mD in zip(
+                [saved[i : i + n] for i in range(0, len(saved), n)], plan.rows(None if combined else xc), plan.rows(None if combined else dout),
+                plan.rows(token_S), plan.rows(weight_S), plan.rows(dweight_S), plan.experts(w_in_ED2F),
+                plan.experts(w_out_EFD), plan.experts(dw_in), plan.experts(dw_out), plan.rows(None if combined else dx),
+            ):
                 if combined:
-                    dx.index_add_(0, token_S[rows], dx_mD.to(acc_dtype))
-                if dweight_S is not None:
-                    dweight_S[rows] = dweight_m
+                    x_mD = torch.index_select(xc, 0, token_m, out=space.x(token_m))
+                    dout_mD = torch.index_select(dout, 0, token_m, out=space.y(token_m))
+                    dx_mD = x_mD  # d(x) overwrites the gathered rows, once d(w_in) has used them
+                group = _Group(plan.products, w_in, w_out, weight_m)
+                dx_mD = group.backward(dout_mD, x_mD, kept, dx_mD, dw_in_e, dw_out_e, dweight_m)
+                if combined:
+                    dx.index_add_(0, token_m, space.acc(dx_mD))
         if not plan.loop:  # grouped_mm: its one group computed the whole weight gradients
             dw_in, dw_out = group.dw_in, group.dw_out
-        return dx.to(ctx.x_dtype), dweight_S, dw_in, dw_out, None, None, None
+        return dx.to(ctx.x_dtype), dweight_S, dw_in, dw_out, None, None, None, None
 
 
 def _acc_dtype(x_dtype: torch.dtype, weight_S: Tensor) -> torch.dtype:
@@ -176,28 +195,60 @@ def _acc_dtype(x_dtype: torch.dtype, weight_S: Tensor) -> torch.dtype:
 
 
 class _Plan:
-    """The parts the slots split into, each with its products: one expert's rows (`loop`; experts
-    without rows too, so that their weight gradient is written, zero), or every slot (`grouped_mm`)."""
+    """The parts the slots split into: one per expert (`loop`; experts without rows too, so that
+    their weight gradient is written, zero), or one of every slot (`grouped_mm`). Each part's views
+    of a tensor are made in one call (`split`, `unbind`), not one indexing per expert."""
 
     def __init__(self, counts_E: Tensor, impl: ExpertImpl):
         self.loop = impl == ExpertImpl.loop
         if self.loop:
-            ends = itertools.accumulate(counts_E.tolist())
-            self.parts = [(e, slice(end - size, end)) for e, (size, end) in enumerate(zip(counts_E.tolist(), ends))]
+            self.sizes = counts_E.tolist()
+            self.products = _MM
         else:  # no host sync: grouped_mm reads the sizes from the offsets
-            self.offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            self.parts = [(None, slice(None))]
+            self.sizes = None
+            self.products = _GroupedMM(torch.cumsum(counts_E, 0, dtype=torch.int32))
+        self.num_parts = len(self.sizes) if self.loop else 1
 
-    def group(self, e: int | None, w_in_ED2F: Tensor, w_out_EFD: Tensor, weight_m: Tensor | None) -> _Group:
-        weight_m1 = None if weight_m is None else weight_m.unsqueeze(-1)
-        if e is None:
-            return _Group(_GroupedMM(self.offsets_E), w_in_ED2F, w_out_EFD, weight_m1)
-        return _Group(_MM, w_in_ED2F[e], w_out_EFD[e], weight_m1)
+    def rows(self, t_S: Tensor | None) -> list[Tensor] | list[None]:
+        """Each part's rows of a tensor in slot order (Nones for None)."""
+        if t_S is None:
+            return [None] * self.num_parts
+        return list(t_S.split(self.sizes)) if self.loop else [t_S]
 
-    @staticmethod
-    def grad_slots(dw_in: Tensor | None, dw_out: Tensor | None, e: int | None) -> tuple[Tensor | None, Tensor | None]:
-        """Where expert e's weight gradients go (grouped_mm's are made whole, so nowhere)."""
-        return (None, None) if e is None else (dw_in[e], dw_out[e])
+    def experts(self, w_E: Tensor | None) -> list[Tensor] | list[None]:
+        """Each part's expert weights: one expert's (`loop`), or all of them (Nones for None)."""
+        if w_E is None:
+            return [None] * self.num_parts
+        return list(w_E.unbind(0)) if self.loop else [w_E]
+
+    def max_rows(self) -> int | None:
+        return max(self.sizes, default=0) if self.loop else None
+
+
+class _Workspace:
+    """Buffers for the largest part's rows, reused by every part: gathered rows and products land
+    in memory that is already mapped and hot in cache, where a fresh tensor per expert costs page
+    faults whenever the allocator has handed memory back to the system. `grouped_mm`'s one part
+    has no size without a host sync: it gets fresh tensors (None)."""
+
+    def __init__(self, plan: _Plan, xc: Tensor, acc_dtype: torch.dtype, dout: Tensor | None = None):
+        rows, dim = plan.max_rows(), xc.shape[-1]
+        self.acc_dtype = acc_dtype
+        self._x = None if rows is None else xc.new_empty(rows, dim)
+        self._y = None if rows is None else (xc if dout is None else dout).new_empty(rows, dim)
+        self._acc = None if rows is None or acc_dtype == xc.dtype else xc.new_empty(rows, dim, dtype=acc_dtype)
+
+    def x(self, token_m: Tensor) -> Tensor | None:
+        return None if self._x is None else self._x[: len(token_m)]
+
+    def y(self, token_m: Tensor) -> Tensor | None:
+        return None if self._y is None else self._y[: len(token_m)]
+
+    def acc(self, t_mD: Tensor) -> Tensor:
+        """t in the accumulation dtype (copied into a buffer when it differs)."""
+        if t_mD.dtype == self.acc_dtype:
+            return t_mD
+        return t_mD.to(self.acc_dtype) if self._acc is None else self._acc[: len(t_mD)].copy_(t_mD)
 
 
 class _MM:
@@ -241,60 +292,66 @@ class _Group:
     """SwiGLU experts on a group of m rows (one expert's, or all experts' for grouped_mm), the
     output optionally scaled by per-row combine weights.
 
-    The weight multiplies the narrower of the activation [m, F] and the output [m, D]:
-    fine-grained experts (F < D) scale their activation, which also turns
-    d(weight) = <d(out), y> into <d(out) @ w_out^T, a>, a sum over F instead of D.
+    The weight multiplies the narrower of the activation [m, F] and the output [m, D]: fine-grained
+    experts (F < D) scale their activation. Either way d(weight) = <d(out) @ w_out^T, a>, a sum over
+    F, so the unweighted output never has to be kept.
     """
 
-    def __init__(self, products, w_in: Tensor, w_out: Tensor, weight_m1: Tensor | None):
-        self.products, self.w_in, self.w_out, self.weight_m1 = products, w_in, w_out, weight_m1
-        self.at_activation = weight_m1 is not None and w_out.shape[-2] < w_out.shape[-1]
+    def __init__(self, products, w_in: Tensor, w_out: Tensor, weight_m: Tensor | None):
+        self.products, self.w_in, self.w_out = products, w_in, w_out
+        self.weight_m1 = None if weight_m is None else weight_m.unsqueeze(-1)
+        self.at_activation = weight_m is not None and w_out.shape[-2] < w_out.shape[-1]
 
-    def forward(self, x_mD: Tensor, out_mD: Tensor | None) -> Tensor:
-        mm = self.products.mm
-        self.h_m2F = mm(x_mD, self.w_in)
-        self.a_mF, self.s_mF = _swiglu_forward(self.h_m2F)
-        if self.weight_m1 is None:
-            self.z = self.a_mF.new_empty(0)
-            return mm(self.a_mF, self.w_out, out_mD)
-        if self.at_activation:
-            self.z = (self.a_mF * self.weight_m1).to(self.a_mF.dtype)  # the weighted activation
-            return mm(self.z, self.w_out, out_mD)
-        self.z = mm(self.a_mF, self.w_out)  # the unweighted output: d(weight) needs it
-        if out_mD is None:
-            return (self.z * self.weight_m1).to(self.z.dtype)
-        return torch.mul(self.z, self.weight_m1, out=out_mD)
-
-    def saved(self) -> list[Tensor]:
-        """What backward needs besides the input rows."""
-        return [self.h_m2F, self.s_mF, self.a_mF, self.z]
-
-    def restore(self, saved: list[Tensor]) -> Tensor:
-        """Takes [input rows, *saved()]; returns the input rows."""
-        x_mD, self.h_m2F, self.s_mF, self.a_mF, self.z = saved
-        return x_mD
-
-    def backward(self, dout_mD: Tensor, x_mD: Tensor, dx_mD: Tensor | None, dw_in: Tensor | None,
-                 dw_out: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(d(x), d(weight) or None); the weight gradients go to self.dw_in and self.dw_out."""
-        p, a_mF, dtype = self.products, self.a_mF, self.a_mF.dtype
-        dweight_m = None
-        if self.at_activation:
-            dout_mD = dout_mD.to(dtype)
-            self.dw_out = p.weight_grad(self.z, dout_mD, dw_out)
-            u_mF = p.mm_t(dout_mD, self.w_out)
-            dweight_m = (u_mF * a_mF).sum(dim=-1)
-            da_mF = (u_mF * self.weight_m1).to(dtype)
+    def forward(self, x_mD: Tensor, out_mD: Tensor | None, recompute: bool) -> tuple[Tensor, list[Tensor]]:
+        """(the output, written into out_mD when given; what the backward needs: [h, silu(gate), a],
+        or [h] to recompute the other two)."""
+        mm, w = self.products.mm, self.weight_m1
+        h_m2F = mm(x_mD, self.w_in)
+        gate_mF, up_mF = h_m2F.chunk(2, dim=-1)
+        s_mF = F.silu(gate_mF)
+        if recompute:  # nothing else is kept: update in place
+            a_mF = z_mF = s_mF.mul_(up_mF)
+            kept = [h_m2F]
         else:
-            if self.weight_m1 is not None:
-                dweight_m = (dout_mD * self.z).sum(dim=-1)
-                dout_mD = dout_mD * self.weight_m1
-            dy_mD = dout_mD.to(dtype)
-            self.dw_out = p.weight_grad(a_mF, dy_mD, dw_out)
-            da_mF = p.mm_t(dy_mD, self.w_out)
-        dh_m2F = _swiglu_backward(da_mF, self.h_m2F, self.s_mF)
+            a_mF = z_mF = s_mF * up_mF
+            kept = [h_m2F, s_mF, a_mF]
+        if self.at_activation:
+            z_mF = a_mF.mul_(w) if recompute else (a_mF * w).to(a_mF.dtype)
+        y_mD = mm(z_mF, self.w_out, out_mD)
+        if w is not None and not self.at_activation:
+            y_mD.mul_(w)
+        return y_mD, kept
+
+    def backward(self, dout_mD: Tensor, x_mD: Tensor, kept: list[Tensor], dx_mD: Tensor | None, dw_in: Tensor | None,
+                 dw_out: Tensor | None, dweight_m: Tensor | None) -> Tensor:
+        """d(x), written into dx_mD when given. The weight gradients are written into dw_in and
+        dw_out when given (else kept as self.dw_in, self.dw_out), d(weight) into dweight_m.
+        Fresh temporaries are updated in place once read (fewer buffers keep the working set in
+        cache); what forward kept is only read."""
+        p, w = self.products, self.weight_m1
+        h_m2F, *activations = kept
+        gate_mF, up_mF = h_m2F.chunk(2, dim=-1)
+        if activations:
+            s_mF, a_mF = activations
+        else:
+            s_mF = F.silu(gate_mF)
+            a_mF = s_mF * up_mF
+        dout_mD = dout_mD.to(a_mF.dtype)
+        da_mF = p.mm_t(dout_mD, self.w_out)  # d(out) @ w_out^T: d(a) before the weight
+        if w is not None:
+            dweight_m.copy_((da_mF * a_mF).sum(dim=-1))
+            da_mF.mul_(w)
+            if self.at_activation:
+                a_mF = a_mF.mul_(w) if not activations else (a_mF * w).to(a_mF.dtype)
+            else:
+                dout_mD = (dout_mD * w).to(dout_mD.dtype)
+        self.dw_out = p.weight_grad(a_mF, dout_mD, dw_out)
+        dh_m2F = torch.empty_like(h_m2F, memory_format=torch.contiguous_format)
+        dgate_mF, dup_mF = dh_m2F.chunk(2, dim=-1)
+        torch.mul(da_mF, s_mF, out=dup_mF)
+        torch.ops.aten.silu_backward.grad_input(da_mF.mul_(up_mF), gate_mF, grad_input=dgate_mF)
         self.dw_in = p.weight_grad(x_mD, dh_m2F, dw_in)
-        return p.mm_t(dh_m2F, self.w_in, dx_mD), dweight_m
+        return p.mm_t(dh_m2F, self.w_in, dx_mD)
 
 
 # ---------------------------------------------------------------------------------------------

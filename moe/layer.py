@@ -33,6 +33,10 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss, per MoE layer
     z_loss_coef: float = 0.001  # ST-MoE router z-loss, per MoE layer
     expert_impl: ExpertImpl = ExpertImpl.loop
+    # Keep only each expert's pre-activation for the backward and recompute silu and SwiGLU there:
+    # about half the experts' activation memory for two more elementwise passes (Megatron-Core's
+    # `moe_act` recomputation). README, Performance, has both measured.
+    recompute_activations: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.router, dict):
@@ -90,7 +94,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config.router, dim, config.num_experts)
-        self.experts = GroupedExperts(config.num_experts, dim, config.expert_hidden, config.expert_impl)
+        self.experts = GroupedExperts(config.num_experts, dim, config.expert_hidden, config.expert_impl,
+                                      config.recompute_activations)
         shared_hidden = config.num_shared_experts * config.expert_hidden
         self.shared = SwiGLU(dim, shared_hidden) if shared_hidden else None
         # Where the experts run: here, or on their ranks (moe.parallel.parallelize_experts).

@@ -8,6 +8,7 @@
 Layer rows, forward + backward of one layer on (1, T, D) activations, the median of
 `layer.repeats` runs with the candidates interleaved (so a busy moment hits them all alike):
   moe_layer             moe.MoELayer, dropless token choice (expert_impl=loop, the default)
+  moe_layer_recompute   the same with moe.recompute_activations=true (less activation memory)
   moe_layer_grouped_mm  the same with expert_impl=grouped_mm
   dense_ffn             a dense SwiGLU FFN of hidden top_k * F: the same active FLOPs
   naive_loop            one boolean mask per expert, gather, expert, index_add (same router/weights)
@@ -16,6 +17,8 @@ Layer rows, forward + backward of one layer on (1, T, D) activations, the median
                         skipped when transformers is missing: pip install -e '.[bench]'
 fp32 rows run in float32; bf16 rows under bf16 autocast (float32 weights, as `bf16-mixed` trains),
 except HF's block, which is converted to bf16 (its grouped_mm path is not autocast-aware).
+Each layer row also has `activation_mib`: what its forward keeps for the backward (parameters and
+input excluded), measured with autograd's saved-tensor hooks.
 Training rows: whole Lightning training steps (forward, backward, clipping, AdamW) of
 `train.recipe` and of its dense baseline with the same active parameters, on random tokens, in
 the precision `make train` would choose; MFU against the matrix-product peak measured in the run.
@@ -145,18 +148,42 @@ def time_interleaved(steps: dict[str, Callable[[], None]], *, repeats: int, warm
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def forward_backward(module: torch.nn.Module, forward: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor,
-                     autocast: torch.dtype | None) -> Callable[[], None]:
+@dataclass
+class LayerStep:
     """One training-like step of `forward`: fresh input leaf, forward (under autocast), backward."""
 
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        x_ = x.detach().requires_grad_(True)
-        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            y = forward(x_)
-        y.backward(grad.to(y.dtype))
+    module: torch.nn.Module
+    forward: Callable[[Tensor], Tensor]
+    x: Tensor
+    grad: Tensor
+    autocast: torch.dtype | None
 
-    return step
+    def __call__(self) -> None:
+        self.module.zero_grad(set_to_none=True)
+        x_ = self.x.detach().requires_grad_(True)
+        with self._autocast():
+            y = self.forward(x_)
+        y.backward(self.grad.to(y.dtype))
+
+    def activation_mib(self) -> float:
+        """MiB the forward keeps for its backward, besides its input and the module's parameters
+        (each storage counted once)."""
+        skip = {t.untyped_storage().data_ptr() for t in self.module.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            if t.untyped_storage().data_ptr() not in skip:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x_ = self.x.detach().requires_grad_(True)
+        skip.add(x_.untyped_storage().data_ptr())
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self._autocast():
+            self.forward(x_)
+        return sum(kept.values()) / 2**20
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
 
 
 def profile(step: Callable[[], None], steps: int = 3, top: int = 12) -> str:
@@ -209,23 +236,24 @@ def layer_rows(shape: Shape, dtype: str, cfg: LayerBench) -> list[dict]:
     grad = torch.randn(1, shape.tokens, shape.dim)
     autocast = DTYPES[dtype] if dtype != "fp32" else None
     steps, notes = {}, {}
-    for impl in ("loop", "grouped_mm"):
-        layer = moe_layer(shape, impl)
-        name = "moe_layer" if impl == "loop" else "moe_layer_grouped_mm"
-        steps[name] = forward_backward(layer, lambda v, m=layer: m(v)[0], x, grad, autocast)
+    for name, impl, recompute in (("moe_layer", "loop", False), ("moe_layer_recompute", "loop", True),
+                                  ("moe_layer_grouped_mm", "grouped_mm", False)):
+        layer = moe_layer(shape, impl, recompute)
+        steps[name] = LayerStep(layer, lambda v, m=layer: m(v)[0], x, grad, autocast)
     dense = SwiGLU(shape.dim, shape.top_k * shape.hidden)
-    steps["dense_ffn"] = forward_backward(dense, dense, x, grad, autocast)
+    steps["dense_ffn"] = LayerStep(dense, dense, x, grad, autocast)
     if cfg.naive:
         naive = moe_layer(shape, "loop")
-        steps["naive_loop"] = forward_backward(naive, lambda v: naive_loop(naive, v), x, grad, autocast)
+        steps["naive_loop"] = LayerStep(naive, lambda v: naive_loop(naive, v), x, grad, autocast)
     if cfg.hf:
         hf_steps, notes = hf_mixtral_steps(shape, dtype, x, grad)
         steps.update(hf_steps)
+    mib = {name: step.activation_mib() for name, step in steps.items()}
     load = load_1min()
     with OthersCPU() as others:
         ms = time_interleaved(steps, repeats=cfg.repeats, warmup=cfg.warmup)
-    rows = [dict(_layer_row(name, dtype, shape, value, ms["dense_ffn"], load), others_cpu=others.share)
-            for name, value in ms.items()]
+    rows = [dict(_layer_row(name, dtype, shape, value, ms["dense_ffn"], load), activation_mib=mib[name],
+                 others_cpu=others.share) for name, value in ms.items()]
     if cfg.profile:
         print(f"torch.profiler, moe_layer {shape.label()} {dtype}, 3 steps:\n{profile(steps['moe_layer'])}", flush=True)
     rows += _best_hf(rows)
@@ -251,10 +279,10 @@ def _best_hf(rows: list[dict]) -> list[dict]:
     return [dict(best, name="hf_mixtral", impl=best["name"].removeprefix("hf_mixtral_"))]
 
 
-def moe_layer(shape: Shape, impl: str) -> MoELayer:
+def moe_layer(shape: Shape, impl: str, recompute: bool = False) -> MoELayer:
     torch.manual_seed(0)
     config = MoEConfig(num_experts=shape.experts, expert_hidden=shape.hidden, router=RouterConfig(top_k=shape.top_k),
-                       dropless=True, expert_impl=impl)
+                       dropless=True, expert_impl=impl, recompute_activations=recompute)
     return MoELayer(config, shape.dim)
 
 
@@ -295,7 +323,7 @@ def hf_mixtral_steps(shape: Shape, dtype: str, x: Tensor, grad: Tensor) -> tuple
         for p in block.parameters():
             torch.nn.init.normal_(p, std=0.02)
         block.to(DTYPES[dtype])
-        steps[f"hf_mixtral_{impl}"] = forward_backward(block, block, x.to(DTYPES[dtype]), grad, None)
+        steps[f"hf_mixtral_{impl}"] = LayerStep(block, block, x.to(DTYPES[dtype]), grad, None)
     return steps, notes
 
 
@@ -399,7 +427,7 @@ def parallel_rows(layer: LayerBench, cfg: ParallelBench) -> list[dict]:
     x, grad = torch.randn(1, shape.tokens, shape.dim), torch.randn(1, shape.tokens, shape.dim)
     moe = moe_layer(shape, "loop")
     load = load_1min()
-    ep1 = time_interleaved({"ep1": forward_backward(moe, lambda v: moe(v)[0], x, grad, autocast)},
+    ep1 = time_interleaved({"ep1": LayerStep(moe, lambda v: moe(v)[0], x, grad, autocast)},
                            repeats=cfg.repeats, warmup=cfg.warmup)["ep1"]
     ep2 = _run_ep_worker(shape, cfg)
     rows = []
@@ -444,7 +472,8 @@ def bench(config: BenchConfig) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    header = f"{'name':<22} {'dtype':<5} {'shape':<34} {'ms':>9} {'x dense':>8} {'GFLOP/s':>8} {'tok/s':>9} {'MFU':>6}  note"
+    header = (f"{'name':<22} {'dtype':<5} {'shape':<34} {'ms':>9} {'x dense':>8} {'GFLOP/s':>8} {'tok/s':>9} "
+              f"{'MFU':>6} {'act MiB':>8}  note")
     lines = [header, "-" * len(header)]
     for r in rows:
         shape = r["shape"]
@@ -453,7 +482,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{r['name']:<22} {r['dtype']:<5} {label:<34} {_fmt(r['ms_median'], '9.1f')} "
             f"{_fmt(r.get('ratio_to_dense') or r.get('ratio_to_ep1'), '8.3f')} {_fmt(r['gflops'], '8.1f')} "
-            f"{_fmt(r.get('tokens_per_s'), '9.0f')} {_fmt(r.get('mfu'), '6.1%')}  {note}"
+            f"{_fmt(r.get('tokens_per_s'), '9.0f')} {_fmt(r.get('mfu'), '6.1%')} {_fmt(r.get('activation_mib'), '8.1f')}  {note}"
         )
     return "\n".join(lines)
 

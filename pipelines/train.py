@@ -193,7 +193,7 @@ def _check_same_model(config: ExperimentConfig, saved: ExperimentConfig, checkpo
 
 # Keys that change training behaviour but not the shape of the weights: allowed to differ on resume.
 _NON_SHAPE = {"vocab_size", "capacity_factor", "eval_capacity_factor", "dropless", "drop_policy", "aux_loss_coef", "z_loss_coef",
-              "expert_impl", "router.jitter_eps", "router.bias_update_rate", "router.random_second", "init_std"}
+              "expert_impl", "recompute_activations", "router.jitter_eps", "router.bias_update_rate", "router.random_second", "init_std"}
 
 
 def _previous_run_id(run_dir: Path, checkpoint: dict) -> str | None:

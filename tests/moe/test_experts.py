@@ -165,3 +165,40 @@ def test_combine_tokens_under_bf16_autocast_sums_in_float32():
     assert y.dtype == torch.float32 and x.grad.dtype == torch.float32 and experts.w_in.grad.dtype == torch.float32
     torch.testing.assert_close(y, combine_reference(experts, x.detach(), token_S, weight.detach(), counts.tolist()),
                                rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("combine", [True, False])
+def test_experts_keep_pre_activation_and_swiglu_or_only_pre_activation(combine, recompute):
+    """Besides its inputs, the experts' forward keeps per slot the pre-activation [2F], silu(gate)
+    and SwiGLU's output [F] (as the dense SwiGLU does), or with recompute only the pre-activation;
+    never the gathered input rows. The gradients are the same either way."""
+    counts, hidden = [3, 0, 5, 2], 8
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6 if combine else sum(counts), 16, generator=generator)
+    token_S = torch.randint(0, 6, (sum(counts),), generator=generator)
+    weight_S = torch.rand(sum(counts), generator=generator)
+    grads = []
+    for recompute_ in (recompute, not recompute):
+        experts = grouped(hidden=hidden)
+        experts.recompute = recompute_
+        x_, weight_ = x.clone().requires_grad_(True), weight_S.clone().requires_grad_(True)
+        inputs = {t.untyped_storage().data_ptr() for t in (x_, token_S, weight_, experts.w_in, experts.w_out)}
+        kept = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in inputs:
+                kept.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if combine:
+                y = experts.combine_tokens(x_, token_S, weight_, torch.tensor(counts))
+            else:
+                y = experts(x_, torch.tensor(counts))
+        per_expert = [[(m, 2 * hidden)] if recompute_ else [(m, 2 * hidden), (m, hidden), (m, hidden)] for m in counts]
+        assert kept == [(shape, torch.float32) for shapes in per_expert for shape in shapes]
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        grads.append([x_.grad, weight_.grad if combine else None, experts.w_in.grad, experts.w_out.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -24,7 +24,7 @@ TINY = [
     "train.recipe=conf/debug.yaml", "train.steps=2", "train.warmup=1",
     "parallel.enabled=true", "parallel.repeats=2", "parallel.warmup=1",
 ]
-LAYER_NAMES = {"moe_layer", "moe_layer_grouped_mm", "dense_ffn", "naive_loop"}
+LAYER_NAMES = {"moe_layer", "moe_layer_recompute", "moe_layer_grouped_mm", "dense_ffn", "naive_loop"}
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -87,6 +87,20 @@ def test_ratios_gflops_and_tokens_follow_from_ms(rows):
         assert math.isclose(row["tokens_per_s"], s["tokens"] / (row["ms_median"] * 1e-3), rel_tol=1e-9)
     for row in by_name(rows, "dense_ffn"):
         assert row["ratio_to_dense"] == 1.0
+
+
+def test_activation_memory_of_the_dense_ffn_and_of_the_recomputed_experts(rows):
+    """Hand-computed: the dense FFN (fp32) keeps h [T, 2H], silu(gate) and SwiGLU's output [T, H];
+    recomputation drops the experts' silu(gate) and SwiGLU output, [T*K, F] each (dropless)."""
+    for dense in by_name(rows, "dense_ffn"):
+        s = dense["shape"]
+        if dense["dtype"] == "fp32":
+            assert dense["activation_mib"] * 2**20 == s["tokens"] * 4 * s["top_k"] * s["hidden"] * 4
+        itemsize = 4 if dense["dtype"] == "fp32" else 2
+        same = [r for r in rows if r["shape"] == s and r["dtype"] == dense["dtype"]]
+        kept, recomputed = (next(r for r in same if r["name"] == n) for n in ("moe_layer", "moe_layer_recompute"))
+        saved = (kept["activation_mib"] - recomputed["activation_mib"]) * 2**20
+        assert saved == 2 * s["tokens"] * s["top_k"] * s["hidden"] * itemsize
 
 
 def test_hf_rows_are_measured_or_say_why_not(rows):
