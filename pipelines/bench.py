@@ -11,6 +11,7 @@ Layer rows, forward + backward of one layer on (1, T, D) activations, the median
   moe_layer_recompute   the same with moe.recompute_activations=true (less activation memory)
   moe_layer_grouped_mm  the same with expert_impl=grouped_mm
   dense_ffn             a dense SwiGLU FFN of hidden top_k * F: the same active FLOPs
+  expert_matmuls        moe_layer's expert products alone, no routing, gathers or elementwise work
   naive_loop            one boolean mask per expert, gather, expert, index_add (same router/weights)
   hf_mixtral            transformers' MixtralSparseMoeBlock, the fastest of its expert
                         implementations (each one also gets its own row hf_mixtral_<impl>);
@@ -186,6 +187,39 @@ class LayerStep:
         return torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
 
 
+class ExpertMatmuls:
+    """The `expert_matmuls` step: only the matrix products the MoE layer's experts make in a forward
+    and backward (two forward, four backward per expert), with the loads the layer's router gives x,
+    reading rows from buffers reused by every expert and writing outputs allocated once. No routing,
+    gather, scatter, SwiGLU, weighting or autograd: the floor of any expert-by-expert loop over this
+    machine's matrix products."""
+
+    def __init__(self, layer: MoELayer, x: Tensor, autocast: torch.dtype | None):
+        with torch.no_grad():
+            self.counts = layer(x)[1].tokens_per_expert.tolist()
+        experts, dtype = layer.experts, autocast or torch.float32
+        self.w_in = experts.w_in.detach().to(dtype).unbind(0)
+        self.w_out = experts.w_out.detach().to(dtype).unbind(0)
+        self.dw_in = torch.empty_like(experts.w_in, dtype=dtype).unbind(0)
+        self.dw_out = torch.empty_like(experts.w_out, dtype=dtype).unbind(0)
+        rows, dim, hidden = max(self.counts), experts.dim, experts.hidden
+        self.x, self.h, self.a, self.y, self.dy, self.u, self.dh, self.dx = (
+            torch.randn(rows, width).to(dtype) for width in (dim, 2 * hidden, hidden, dim, dim, hidden, 2 * hidden, dim))
+
+    def __call__(self) -> None:
+        for e, m in enumerate(self.counts):
+            torch.mm(self.x[:m], self.w_in[e], out=self.h[:m])
+            torch.mm(self.a[:m], self.w_out[e], out=self.y[:m])
+        for e, m in enumerate(self.counts):
+            torch.mm(self.a[:m].t(), self.dy[:m], out=self.dw_out[e])
+            torch.mm(self.dy[:m], self.w_out[e].t(), out=self.u[:m])
+            torch.mm(self.x[:m].t(), self.dh[:m], out=self.dw_in[e])
+            torch.mm(self.dh[:m], self.w_in[e].t(), out=self.dx[:m])
+
+    def activation_mib(self) -> None:
+        return None  # no autograd
+
+
 def profile(step: Callable[[], None], steps: int = 3, top: int = 12) -> str:
     """torch.profiler's operators by self CPU time over `steps` calls of `step`."""
     from torch.profiler import ProfilerActivity
@@ -242,6 +276,7 @@ def layer_rows(shape: Shape, dtype: str, cfg: LayerBench) -> list[dict]:
         steps[name] = LayerStep(layer, lambda v, m=layer: m(v)[0], x, grad, autocast)
     dense = SwiGLU(shape.dim, shape.top_k * shape.hidden)
     steps["dense_ffn"] = LayerStep(dense, dense, x, grad, autocast)
+    steps["expert_matmuls"] = ExpertMatmuls(steps["moe_layer"].module, x, autocast)
     if cfg.naive:
         naive = moe_layer(shape, "loop")
         steps["naive_loop"] = LayerStep(naive, lambda v: naive_loop(naive, v), x, grad, autocast)

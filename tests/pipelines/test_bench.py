@@ -24,7 +24,7 @@ TINY = [
     "train.recipe=conf/debug.yaml", "train.steps=2", "train.warmup=1",
     "parallel.enabled=true", "parallel.repeats=2", "parallel.warmup=1",
 ]
-LAYER_NAMES = {"moe_layer", "moe_layer_recompute", "moe_layer_grouped_mm", "dense_ffn", "naive_loop"}
+LAYER_NAMES = {"moe_layer", "moe_layer_recompute", "moe_layer_grouped_mm", "dense_ffn", "expert_matmuls", "naive_loop"}
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
