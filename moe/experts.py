@@ -16,9 +16,9 @@ showed these costs besides the matrix products (see README, Performance):
 - [T*K, D] copies: `combine_tokens` gathers each expert's tokens, runs it and scatter-adds its
   weighted output, expert by expert, never materialising all T*K rows at once. Its gathers and
   products write into one buffer reused by every expert (`_Workspace`).
-- activation memory: each expert keeps only its pre-activation h [m, 2F] for the backward, which
-  gathers the rows again and recomputes the rest (a MoE layer keeps about half the activations of
-  the dense FFN with the same active FLOPs; see README, Performance).
+- activation memory: each expert keeps for the backward what the dense SwiGLU keeps (h, silu(gate)
+  and SwiGLU's output), not its gathered input rows, which the backward gathers again; with
+  `recompute`, only h (half of it; see README, Performance).
 """
 
 from __future__ import annotations
