@@ -202,3 +202,22 @@ def test_experts_keep_pre_activation_and_swiglu_or_only_pre_activation(combine, 
         grads.append([x_.grad, weight_.grad if combine else None, experts.w_in.grad, experts.w_out.grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_retained_graph_gives_the_same_gradients_twice(recompute):
+    """The backward updates only its own temporaries in place, never what the forward kept: a second
+    backward through a retained graph adds exactly the same gradients again."""
+    experts, counts = grouped(hidden=8), [3, 0, 5, 2]
+    experts.recompute = recompute
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 16, generator=generator, requires_grad=True)
+    token_S = torch.randint(0, 6, (sum(counts),), generator=generator)
+    weight_S = torch.rand(sum(counts), generator=generator, requires_grad=True)
+    upstream = torch.randn(6, 16, generator=generator)
+    y = experts.combine_tokens(x, token_S, weight_S, torch.tensor(counts))
+    y.backward(upstream, retain_graph=True)
+    first = [t.grad.clone() for t in (x, weight_S, experts.w_in, experts.w_out)]
+    y.backward(upstream)
+    for once, twice in zip(first, (x.grad, weight_S.grad, experts.w_in.grad, experts.w_out.grad)):
+        torch.testing.assert_close(twice, 2 * once, rtol=0, atol=0)
