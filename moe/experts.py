@@ -173,9 +173,11 @@ class _Experts(torch.autograd.Function):
         space = _Workspace(plan, xc, acc_dtype, dout)
         with torch.autocast(dout.device.type, enabled=False):
             for kept, x_mD, dout_mD, token_m, weight_m, dweight_m, w_in, w_out, dw_in_e, dw_out_e, dx_mD in zip(
-                [saved[i : i + n] for i in range(0, len(saved), n)], plan.rows(None if combined else xc), plan.rows(None if combined else dout),
-                plan.rows(token_S), plan.rows(weight_S), plan.rows(dweight_S), plan.experts(w_in_ED2F),
-                plan.experts(w_out_EFD), plan.experts(dw_in), plan.experts(dw_out), plan.rows(None if combined else dx),
+                [saved[i : i + n] for i in range(0, len(saved), n)],
+                plan.rows(None if combined else xc), plan.rows(None if combined else dout),
+                plan.rows(token_S), plan.rows(weight_S), plan.rows(dweight_S),
+                plan.experts(w_in_ED2F), plan.experts(w_out_EFD), plan.experts(dw_in), plan.experts(dw_out),
+                plan.rows(None if combined else dx),
             ):
                 if combined:
                     x_mD = torch.index_select(xc, 0, token_m, out=space.x(token_m))
@@ -303,19 +305,14 @@ class _Group:
         self.at_activation = weight_m is not None and w_out.shape[-2] < w_out.shape[-1]
 
     def forward(self, x_mD: Tensor, out_mD: Tensor | None, recompute: bool) -> tuple[Tensor, list[Tensor]]:
-        """(the output, written into out_mD when given; what the backward needs: [h, silu(gate), a],
+        """(the output, written into out_mD when given; what the backward needs: [h, a, silu(gate)],
         or [h] to recompute the other two)."""
         mm, w = self.products.mm, self.weight_m1
         h_m2F = mm(x_mD, self.w_in)
-        gate_mF, up_mF = h_m2F.chunk(2, dim=-1)
-        s_mF = F.silu(gate_mF)
-        if recompute:  # nothing else is kept: update in place
-            a_mF = z_mF = s_mF.mul_(up_mF)
-            kept = [h_m2F]
-        else:
-            a_mF = z_mF = s_mF * up_mF
-            kept = [h_m2F, s_mF, a_mF]
-        if self.at_activation:
+        a_mF, s_mF = _swiglu_forward(h_m2F)
+        kept = [h_m2F] if recompute else [h_m2F, a_mF, s_mF]
+        z_mF = a_mF
+        if self.at_activation:  # a is updated in place when it is not kept
             z_mF = a_mF.mul_(w) if recompute else (a_mF * w).to(a_mF.dtype)
         y_mD = mm(z_mF, self.w_out, out_mD)
         if w is not None and not self.at_activation:
@@ -330,12 +327,7 @@ class _Group:
         cache); what forward kept is only read."""
         p, w = self.products, self.weight_m1
         h_m2F, *activations = kept
-        gate_mF, up_mF = h_m2F.chunk(2, dim=-1)
-        if activations:
-            s_mF, a_mF = activations
-        else:
-            s_mF = F.silu(gate_mF)
-            a_mF = s_mF * up_mF
+        a_mF, s_mF = activations or _swiglu_forward(h_m2F)  # with recompute, made again here
         dout_mD = dout_mD.to(a_mF.dtype)
         da_mF = p.mm_t(dout_mD, self.w_out)  # d(out) @ w_out^T: d(a) before the weight
         if w is not None:
@@ -346,10 +338,7 @@ class _Group:
             else:
                 dout_mD = (dout_mD * w).to(dout_mD.dtype)
         self.dw_out = p.weight_grad(a_mF, dout_mD, dw_out)
-        dh_m2F = torch.empty_like(h_m2F, memory_format=torch.contiguous_format)
-        dgate_mF, dup_mF = dh_m2F.chunk(2, dim=-1)
-        torch.mul(da_mF, s_mF, out=dup_mF)
-        torch.ops.aten.silu_backward.grad_input(da_mF.mul_(up_mF), gate_mF, grad_input=dgate_mF)
+        dh_m2F = _swiglu_backward(da_mF, h_m2F, s_mF)
         self.dw_in = p.weight_grad(x_mD, dh_m2F, dw_in)
         return p.mm_t(dh_m2F, self.w_in, dx_mD)
 
@@ -388,7 +377,8 @@ def _swiglu_backward(da_TF: Tensor, h_T2F: Tensor, s_TF: Tensor) -> Tensor:
     dh_T2F = torch.empty_like(h_T2F, memory_format=torch.contiguous_format)
     dgate_TF, dup_TF = dh_T2F.chunk(2, dim=-1)
     torch.mul(da_TF, s_TF, out=dup_TF)
-    torch.ops.aten.silu_backward.grad_input(da_TF * up_TF, gate_TF, grad_input=dgate_TF)
+    torch.mul(da_TF, up_TF, out=dgate_TF)  # da * up, then silu' in place: no temporary
+    torch.ops.aten.silu_backward.grad_input(dgate_TF, gate_TF, grad_input=dgate_TF)
     return dh_T2F
 
 
